@@ -1,0 +1,3 @@
+"""devmig node agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""devmig's test bed: the real control plane and helpers around it."""
