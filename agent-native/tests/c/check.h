@@ -15,7 +15,11 @@ static int check_failures;
 			check_failures++;                                            \
 		}                                                                    \
 	} while (0)
-#define CHECK_STREQ(a, b) CHECK((a) && (b) && strcmp((a), (b)) == 0)
+static inline int check_streq(const char *a, const char *b)
+{
+	return a && b && strcmp(a, b) == 0;
+}
+#define CHECK_STREQ(a, b) CHECK(check_streq((a), (b)))
 #define CHECK_DONE()                                                                 \
 	do {                                                                         \
 		if (check_failures) {                                                \
