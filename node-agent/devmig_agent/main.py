@@ -23,7 +23,9 @@ MAX_WORKERS = 16
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="devmig-agent", description="devmig node agent")
-    p.add_argument("--listen", default="127.0.0.1:0", help="host:port for gRPC (default: %(default)s)")
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", help="host:port for gRPC (default: %(default)s)"
+    )
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

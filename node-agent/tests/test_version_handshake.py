@@ -8,12 +8,11 @@ import sys
 from collections.abc import Iterator
 from concurrent import futures
 
+import devmig_agent
+import devmig_native
 import grpc
 import pytest
 from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
-
-import devmig_agent
-import devmig_native
 from devmig_agent import server
 
 
@@ -64,7 +63,9 @@ def test_the_agent_command_serves_the_handshake_until_terminated() -> None:
         m = re.fullmatch(r"LISTENING (127\.0\.0\.1:\d+)\n", proc.stdout.readline())
         assert m, "agent did not print its address"
         with grpc.insecure_channel(m.group(1)) as ch:
-            r = agent_pb2_grpc.NodeAgentStub(ch).GetVersion(agent_pb2.GetVersionRequest(), timeout=10)
+            r = agent_pb2_grpc.NodeAgentStub(ch).GetVersion(
+                agent_pb2.GetVersionRequest(), timeout=10
+            )
         assert r.node_name == "n1"
         proc.terminate()
         assert proc.wait(timeout=15) == 0

@@ -12,10 +12,9 @@ import threading
 from typing import Any
 
 import pytest
+from devmig_testbed import controlplane
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
-
-from devmig_testbed import controlplane
 
 GROUP, VERSION, PLURAL = "devmig.io", "v1alpha1", "devicemigrations"
 
@@ -42,7 +41,10 @@ def test_the_binaries_are_the_versions_the_go_modules_pin(
     versions = control_plane.binaries.versions()
     for name, v in versions.items():
         print(f"{name}: {v}")
-    assert versions["kube-apiserver"] == f"Kubernetes {_gomod_version('apiserver', 'k8s.io/kubernetes')}"
+    assert (
+        versions["kube-apiserver"]
+        == f"Kubernetes {_gomod_version('apiserver', 'k8s.io/kubernetes')}"
+    )
     assert _gomod_version("etcd", "go.etcd.io/etcd/server/v3").lstrip("v") in versions["etcd"]
     assert versions["helm"].startswith(_gomod_version("helm", "helm.sh/helm/v4"))
 
@@ -62,7 +64,10 @@ def test_a_namespace_can_be_created_and_read_back(kube: Any, namespace: str) -> 
 def test_every_crd_in_the_crds_folder_is_established(kube: Any) -> None:
     files = sorted(p.name for p in controlplane.CRDS_DIR.glob("*.yaml"))
     assert files, "crds/ is empty"
-    names = {c.metadata.name for c in client.ApiextensionsV1Api(kube).list_custom_resource_definition().items}
+    names = {
+        c.metadata.name
+        for c in client.ApiextensionsV1Api(kube).list_custom_resource_definition().items
+    }
     for f in files:
         assert f.removesuffix(".yaml").split("_", 1)[1] + "." + f.split("_", 1)[0] in names
 
@@ -144,7 +149,11 @@ def test_a_service_account_is_forbidden_without_a_role_and_allowed_with_one(
         namespace,
         {
             "metadata": {"name": "dm-reader"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dm-reader"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "dm-reader",
+            },
             "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
         },
     )
@@ -175,7 +184,9 @@ def test_cel_rules_reject_invalid_device_migrations_with_their_messages(
     assert "policy.downtimeLimitMs must be a positive number of milliseconds" in body
 
     body = _rejected(
-        lambda: create(dm("slow", policy={"preCopyTimeoutSeconds": 900, "completionTimeoutSeconds": 60}))
+        lambda: create(
+            dm("slow", policy={"preCopyTimeoutSeconds": 900, "completionTimeoutSeconds": 60})
+        )
     )
     assert "must be shorter than policy.completionTimeoutSeconds" in body
 
@@ -192,7 +203,9 @@ def test_the_spec_is_immutable_once_started_except_cancel(kube: Any, namespace: 
     co = client.CustomObjectsApi(kube)
     co.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dm("m"))
     # Still Pending: the spec may change.
-    co.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "m", {"spec": {"targetNode": "b"}})
+    co.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "m", {"spec": {"targetNode": "b"}}
+    )
     co.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, PLURAL, "m", {"status": {"phase": "PreCopy"}}
     )
@@ -202,7 +215,9 @@ def test_the_spec_is_immutable_once_started_except_cancel(kube: Any, namespace: 
         )
     )
     assert "spec is immutable once the migration has started" in body
-    got = co.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "m", {"spec": {"cancel": True}})
+    got = co.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "m", {"spec": {"cancel": True}}
+    )
     assert got["spec"]["cancel"] is True
     assert got["spec"]["targetNode"] == "b"
 

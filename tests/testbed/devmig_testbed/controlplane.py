@@ -300,7 +300,9 @@ class ControlPlane:
                 "--log-level=warn",
             ],
         )
-        _wait_ready(f"http://127.0.0.1:{etcd_client}/health", self.etcd_proc, self.workdir / "etcd.log")
+        _wait_ready(
+            f"http://127.0.0.1:{etcd_client}/health", self.etcd_proc, self.workdir / "etcd.log"
+        )
 
         self.admin_token = secrets.token_urlsafe(32)
         tokens = self.workdir / "tokens.csv"
@@ -382,7 +384,7 @@ class ControlPlane:
         """A kubeconfig that authenticates as ServiceAccount ``namespace/name``
         (created if absent), through a TokenRequest, so RBAC applies for real."""
         from kubernetes import client
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         core = client.CoreV1Api(self.api_client())
         sa = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name))
@@ -398,6 +400,8 @@ class ControlPlane:
                 spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_s)
             ),
         )
+        if tr.status is None or not tr.status.token:
+            raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
         path = self.workdir / f"sa-{namespace}-{name}.kubeconfig"
         user = f"system:serviceaccount:{namespace}:{name}"
         path.write_text(
@@ -410,7 +414,7 @@ class ControlPlane:
         """Create or replace every CRD in ``crds_dir`` and wait until each is
         Established. Returns the CRD names."""
         from kubernetes import client, watch
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         ext = client.ApiextensionsV1Api(self.api_client())
         names: list[str] = []
@@ -425,6 +429,7 @@ class ControlPlane:
                     if e.status != 409:
                         raise
                     cur = ext.read_custom_resource_definition(name)
+                    assert cur.metadata is not None
                     doc["metadata"]["resourceVersion"] = cur.metadata.resource_version
                     ext.replace_custom_resource_definition(name, doc)
                 names.append(name)
