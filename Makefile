@@ -39,8 +39,9 @@ cluster-up: bootstrap ## start the test control plane in the background; prints 
 cluster-down: ## stop it
 	$(RUN) devmig-cluster down
 
-bench: ## run the benchmarks (see docs/benchmarks.md)
-	$(RUN) python -m bench
+bench: ## run the benchmarks (bench/bench_*.py; see bench/README.md)
+	@set -e; n=0; for b in bench/bench_*.py; do [ -e "$$b" ] || continue; n=$$((n+1)); \
+	  echo "== $$b"; $(RUN) python "$$b"; done; [ $$n -gt 0 ] || echo "no benchmarks yet in bench/"
 
 clean: ## remove build outputs in the clone (the binary cache is kept)
 	rm -rf build .venv .pytest_cache .mypy_cache .ruff_cache
