@@ -6,11 +6,11 @@ the role modules and takes plain Python values.
 
 from __future__ import annotations
 
-import devmig_native
 import grpc
-from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 
 import devmig_agent
+import devmig_native
+from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 
 # API versions this agent serves, newest first.
 API_VERSIONS = ("v1alpha1",)

@@ -8,10 +8,11 @@ import sys
 from collections.abc import Iterator
 from concurrent import futures
 
-import devmig_agent
-import devmig_native
 import grpc
 import pytest
+
+import devmig_agent
+import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 from devmig_agent import server
 

@@ -12,9 +12,10 @@ import threading
 from typing import Any
 
 import pytest
-from devmig_testbed import controlplane
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
+
+from devmig_testbed import controlplane
 
 GROUP, VERSION, PLURAL = "devmig.io", "v1alpha1", "devicemigrations"
 

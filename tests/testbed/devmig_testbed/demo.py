@@ -14,6 +14,7 @@ and the progress bar. The demo grows with them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import re
 import shutil
@@ -48,6 +49,7 @@ def start_agent(node: str) -> tuple[subprocess.Popen[str], str]:
 
 def handshake(addr: str) -> Any:
     import grpc
+
     from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 
     with grpc.insecure_channel(addr) as ch:
@@ -93,6 +95,7 @@ def run(keep: bool) -> int:
                 "spec": {"vmiName": "vm-1", "targetNode": "node-b"},
             },
         )
+        assert isinstance(dm, dict)
         print(f"    spec with defaults from the CRD: {dm['spec']}")
         say(
             "not yet built: the operator's reconcile loop, agent migration sessions, "
@@ -100,10 +103,8 @@ def run(keep: bool) -> int:
         )
         if keep:
             say(f"cluster kept up: export KUBECONFIG={cp.admin_kubeconfig}; Ctrl-C to stop")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 agents[0].wait()
-            except KeyboardInterrupt:
-                pass
         say("demo finished")
         return 0
     finally:
