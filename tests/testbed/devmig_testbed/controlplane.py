@@ -39,6 +39,9 @@ from cryptography.x509.oid import NameOID
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "controlplane" / "build.sh"
 CRDS_DIR = REPO_ROOT / "crds"
+# Test stand-ins for KubeVirt's CRDs (KubeVirt cannot run here): KubeVirt's
+# names, schemas covering the fields devmig reads.
+KUBEVIRT_CRDS_DIR = REPO_ROOT / "tests" / "kubevirt" / "crds"
 
 # How long a cold start may take on a 2-core machine: etcd is ready in about
 # a second, kube-apiserver in 5-15 s (it installs its bootstrap RBAC policy

@@ -1,7 +1,8 @@
 """pytest fixtures for the real control plane.
 
 - ``control_plane`` (session): etcd + kube-apiserver on loopback, CRDs from
-  ``crds/`` installed; torn down at the end of the run.
+  ``crds/`` and the KubeVirt test stand-in CRDs (``tests/kubevirt/crds``)
+  installed; torn down at the end of the run.
 - ``kube``: an admin ``kubernetes.client.ApiClient``.
 - ``namespace``: a fresh namespace for one test.
 
@@ -50,6 +51,7 @@ def control_plane(
     try:
         cp.start()
         cp.install_crds()
+        cp.install_crds(controlplane.KUBEVIRT_CRDS_DIR)
         yield cp
     finally:
         cp.stop()
