@@ -64,6 +64,7 @@ class Reason(enum.StrEnum):
     CANCELLED = "Cancelled"
     ROLLED_BACK = "RolledBack"
     MISSED_TRAPS = "MissedTraps"
+    UNSUPPORTED_PHASE = "UnsupportedPhase"
 
 
 def now() -> str:

@@ -1,0 +1,41 @@
+"""``python -m devmig_operator``: run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+from devmig_operator import handlers  # noqa: F401  (registers the handlers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="devmig-operator", description="devmig operator")
+    p.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="liveness endpoint URL (default: %(default)s); empty to disable",
+    )
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            # One active operator: a second replica waits (kopf peering needs
+            # its peering CRD; standalone keeps the install CRD-minimal).
+            standalone=True,
+            liveness_endpoint=a.liveness or None,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The phase machine: runs the current phase's step, writes its result to
+status before the next step begins (so a restart resumes where it stopped),
+and turns failures, cancellation and timeouts into a rollback.
+
+Called by the kopf handlers; free of kopf itself.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devmig_operator import agents as agentsmod
+from devmig_operator.conditions import Phase, Reason, now, phase_status
+from devmig_operator.context import Context
+from devmig_operator.phases import preparing_target, rollback, validating
+from devmig_operator.results import Done, Failed, Result, Wait
+
+log = logging.getLogger("devmig_operator")
+
+# (event type, reason, message) -> None; kopf's event posting in production.
+Emit = Callable[[str, str, str], None]
+
+# Steps per phase. A phase without a step here cannot be driven by this
+# operator version (e.g. status written by a newer one): the migration fails
+# with UnsupportedPhase rather than hanging.
+Step = Callable[[Context, agentsmod.Agents, Callable[[], bytes]], Result]
+STEPS: dict[Phase, Step] = {
+    Phase.PENDING: lambda ctx, a, k: Done(Phase.VALIDATING),
+    Phase.VALIDATING: lambda ctx, a, k: validating.target_claimed(ctx),
+    Phase.PREPARING_TARGET: lambda ctx, a, k: preparing_target.targets_resuming(ctx, a, k()),
+}
+
+
+def _epoch(ts: str) -> float:
+    return float(calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def _write(ctx: Context, patch: dict[str, Any]) -> None:
+    obj = ctx.cluster.patch_dm_status(ctx.namespace, ctx.name, patch)
+    ctx.status = dict(obj.get("status") or {})
+
+
+def _start_rollback(ctx: Context, final: Phase, reason: Reason, message: str, emit: Emit) -> None:
+    if ctx.status.get("rollback"):
+        return
+    emit("Warning", reason.value, f"rolling back: {message}")
+    log.info("%s/%s: rolling back (%s): %s", ctx.namespace, ctx.name, reason.value, message)
+    _write(ctx, {"rollback": {"phase": final.value, "reason": reason.value, "message": message}})
+
+
+def reconcile(
+    ctx: Context, agents: agentsmod.Agents, key: Callable[[], bytes], emit: Emit
+) -> float | None:
+    """Drive the migration as far as it can go now. Returns the delay in
+    seconds before it should be called again, or None when it is final."""
+    while True:
+        phase = Phase(ctx.status.get("phase") or Phase.PENDING.value)
+        if phase.final:
+            return None
+        committed = bool(ctx.status.get("committed"))
+        if not committed and not ctx.status.get("rollback"):
+            if ctx.spec.get("cancel"):
+                _start_rollback(
+                    ctx, Phase.ABORTED, Reason.CANCELLED, "cancelled by spec.cancel", emit
+                )
+            elif ctx.status.get("startTime"):
+                limit = int(ctx.policy.get("completionTimeoutSeconds", 900))
+                if ctx.clock() - _epoch(ctx.status["startTime"]) > limit:
+                    _start_rollback(
+                        ctx,
+                        Phase.FAILED,
+                        Reason.COMPLETION_TIMEOUT,
+                        f"not completed within completionTimeoutSeconds={limit}",
+                        emit,
+                    )
+        if ctx.status.get("rollback") and not committed:
+            result = rollback.rolled_back(ctx, agents, key())
+        elif phase in STEPS:
+            result = STEPS[phase](ctx, agents, key)
+        else:
+            result = Failed(
+                Reason.UNSUPPORTED_PHASE, f"this operator version cannot drive phase {phase.value}"
+            )
+
+        at = now()
+        if isinstance(result, Done):
+            rb = ctx.status.get("rollback") or {}
+            reason = Reason(rb["reason"]) if rb and result.next_phase.final else None
+            patch = phase_status(
+                ctx.status, result.next_phase, ctx.generation, at, reason, result.message
+            )
+            patch.update(result.status)
+            _write(ctx, patch)
+            kind = "Warning" if result.next_phase in (Phase.FAILED, Phase.ABORTED) else "Normal"
+            emit(kind, result.next_phase.value, result.message or result.next_phase.value)
+            log.info(
+                "%s/%s: %s -> %s", ctx.namespace, ctx.name, phase.value, result.next_phase.value
+            )
+            continue
+        if isinstance(result, Wait):
+            patch = phase_status(
+                ctx.status, phase, ctx.generation, at, result.reason, result.message
+            )
+            patch.update(result.status)
+            _write(ctx, patch)
+            return result.delay
+        _start_rollback(ctx, Phase.FAILED, result.reason, result.message, emit)
