@@ -74,6 +74,18 @@ class Cluster:
         assert isinstance(obj, dict)
         return obj
 
+    def create_dm_if_absent(self, body: Mapping[str, Any]) -> bool:
+        """Create a DeviceMigration; False if one of that name exists."""
+        try:
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, body["metadata"]["namespace"], DM_PLURAL, dict(body)
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
     def get_dm(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj = self.custom.get_namespaced_custom_object(

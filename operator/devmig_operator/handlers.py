@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from devmig_operator import GROUP, VERSION, drive
+from devmig_operator import GROUP, VERSION, automode, drive, kubevirt
 from devmig_operator import agents as agentsmod
 from devmig_operator.cluster import DM_PLURAL, Cluster
 from devmig_operator.context import Context
@@ -94,3 +94,19 @@ def resumed(body: kopf.Body, **kw: Any) -> None:
 @kopf.on.update(GROUP, VERSION, DM_PLURAL, field="spec.cancel", retries=None)
 def cancel_changed(body: kopf.Body, **kw: Any) -> None:
     _drive(body, **kw)
+
+
+@kopf.on.create(kubevirt.GROUP, kubevirt.VERSION, kubevirt.VMIM_PLURAL, retries=None)
+@kopf.on.update(
+    kubevirt.GROUP, kubevirt.VERSION, kubevirt.VMIM_PLURAL, field="status", retries=None
+)
+@kopf.on.resume(kubevirt.GROUP, kubevirt.VERSION, kubevirt.VMIM_PLURAL, retries=None)
+def vmim_changed(body: kopf.Body, **_: Any) -> None:
+    cluster = _cluster()
+    meta = body["metadata"]
+    vmi = cluster.get_vmi(meta["namespace"], body["spec"]["vmiName"])
+    dm = automode.device_migration_for(body, vmi)
+    if dm is not None and cluster.create_dm_if_absent(dm):
+        kopf.info(
+            body, reason="DeviceMigrationCreated", message=f"created {dm['metadata']['name']}"
+        )
