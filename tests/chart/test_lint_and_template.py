@@ -82,7 +82,7 @@ def test_the_defaults_render_the_operator_agent_crds_rbac_and_generated_tls(helm
     assert kinds(docs) == sorted(
         ["CustomResourceDefinition"] * 2
         + ["ServiceAccount"] * 2
-        + ["Secret"] * 3
+        + ["Secret"] * 4
         + ["ClusterRole", "ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding"]
         + ["Service"] * 2
@@ -142,15 +142,15 @@ def test_the_image_tag_defaults_to_the_app_version_and_a_digest_wins(
 
 
 def test_more_than_one_operator_replica_needs_kopf_peering(helm: Any, find_one: Any) -> None:
-    proc = helm.run(
-        "template", "devmig", str(CHART), "--set", "operator.replicas=2", check=False
-    )
+    proc = helm.run("template", "devmig", str(CHART), "--set", "operator.replicas=2", check=False)
     assert proc.returncode != 0
     assert "operator.replicas > 1 needs operator.peering.enabled=true" in proc.stderr
     docs = helm.template(values=[CHART / "ci" / "ha-peering-values.yaml"])
     peering = find_one(docs, "ClusterKopfPeering")
     dep = find_one(docs, "Deployment", "-operator")
-    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["DEVMIG_PEERING"] == peering["metadata"]["name"]
     role = find_one(docs, "ClusterRole", "-operator")
     assert any("clusterkopfpeerings" in r["resources"] for r in role["rules"])
@@ -159,9 +159,11 @@ def test_more_than_one_operator_replica_needs_kopf_peering(helm: Any, find_one: 
 def test_cert_manager_issues_the_same_secrets_the_chart_would_generate(helm: Any) -> None:
     own = helm.template()
     cm = helm.template(values=[CHART / "ci" / "cert-manager-values.yaml"])
-    assert not [d for d in cm if d["kind"] == "Secret"]
+    tls = "kubernetes.io/tls"
+    assert not [d for d in cm if d["kind"] == "Secret" and d["type"] == tls]
     certs = {d["metadata"]["name"]: d["spec"] for d in cm if d["kind"] == "Certificate"}
-    generated = {d["metadata"]["name"] for d in own if d["kind"] == "Secret"}
+    generated = {d["metadata"]["name"] for d in own if d["kind"] == "Secret" and d["type"] == tls}
+    assert len(generated) == 3
     assert {c["secretName"] for c in certs.values()} == generated
     agent = certs["devmig-agent"]
     assert "devmig-agent.devmig-system.svc" in agent["dnsNames"]
@@ -175,6 +177,19 @@ def test_cert_manager_issues_the_same_secrets_the_chart_would_generate(helm: Any
     assert not [d for d in ext if d["kind"] == "Issuer"]
     refs = {d["spec"]["issuerRef"]["name"] for d in ext if d["kind"] == "Certificate"}
     assert refs == {"company-internal-ca"}
+
+
+def test_the_operators_session_key_is_32_random_bytes_under_its_fixed_name(
+    helm: Any, find_one: Any
+) -> None:
+    import base64
+
+    keys = [
+        base64.b64decode(find_one(helm.template(), "Secret", "devmig-session-key")["data"]["key"])
+        for _ in range(2)
+    ]
+    assert [len(k) for k in keys] == [32, 32]
+    assert keys[0] != keys[1]
 
 
 def test_the_kubevirt_plugin_points_at_the_socket_the_agent_serves(
@@ -200,27 +215,34 @@ def test_the_kubevirt_plugin_points_at_the_socket_the_agent_serves(
     # mount of the hook directory must therefore sit at the same host path.
     assert hook["socket"].startswith("/var/run/kubevirt/")
     mount = next(m for m in c["volumeMounts"] if m["name"] == "kubevirt-hooks")
-    vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "kubevirt-hooks")
-    assert vol["hostPath"]["path"] == mount["mountPath"] == str(pathlib.PurePath(hook["socket"]).parent)
+    vol = next(
+        v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "kubevirt-hooks"
+    )
+    assert (
+        vol["hostPath"]["path"]
+        == mount["mountPath"]
+        == str(pathlib.PurePath(hook["socket"]).parent)
+    )
 
 
-def test_monitoring_renders_a_service_monitor_and_the_alert_rules(
-    helm: Any, find_one: Any
-) -> None:
+def test_monitoring_renders_a_service_monitor_and_the_alert_rules(helm: Any, find_one: Any) -> None:
     docs = helm.template(values=[CHART / "ci" / "monitoring-values.yaml"])
     sm = find_one(docs, "ServiceMonitor")
     selected = [
         d
         for d in docs
         if d["kind"] == "Service"
-        and all(d["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+        and all(
+            d["metadata"]["labels"].get(k) == v
+            for k, v in sm["spec"]["selector"]["matchLabels"].items()
+        )
     ]
     assert len(selected) == 2
     for svc in selected:
         assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
     rule = find_one(docs, "PrometheusRule")
     rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
-    assert ALERTS <= {r["alert"] for r in rules}
+    assert {r["alert"] for r in rules} >= ALERTS
     exprs = " ".join(r["expr"] for r in rules)
     for m in METRICS:
         assert m in exprs, m
@@ -232,9 +254,10 @@ def test_monitoring_renders_a_service_monitor_and_the_alert_rules(
     assert downtime["expr"].rstrip().endswith("> 0.3")
     assert downtime["annotations"]["runbook_url"].startswith("https://devmig.example.com/runbooks#")
     # Prometheus's own template syntax survives Helm's templating.
-    assert "{{ $labels.node }}" in next(
-        r for r in rules if r["alert"] == "DevmigAgentDown"
-    )["annotations"]["summary"]
+    assert (
+        "{{ $labels.node }}"
+        in next(r for r in rules if r["alert"] == "DevmigAgentDown")["annotations"]["summary"]
+    )
     # Off by default.
     assert not {"ServiceMonitor", "PrometheusRule"} & set(kinds(helm.template()))
 
@@ -242,7 +265,10 @@ def test_monitoring_renders_a_service_monitor_and_the_alert_rules(
 def test_restricted_nodes_reach_the_pods_scheduling_fields(helm: Any, find_one: Any) -> None:
     values = yaml.safe_load((CHART / "ci" / "restricted-nodes-values.yaml").read_text())
     docs = helm.template(values=[CHART / "ci" / "restricted-nodes-values.yaml"])
-    for kind, suffix, key in (("DaemonSet", "-agent", "agent"), ("Deployment", "-operator", "operator")):
+    for kind, suffix, key in (
+        ("DaemonSet", "-agent", "agent"),
+        ("Deployment", "-operator", "operator"),
+    ):
         spec = find_one(docs, kind, suffix)["spec"]["template"]["spec"]
         assert spec["nodeSelector"] == values[key]["nodeSelector"]
         assert spec["tolerations"] == values[key]["tolerations"]

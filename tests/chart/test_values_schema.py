@@ -72,8 +72,17 @@ def test_every_key_is_described_and_every_object_closed_or_deliberately_open() -
     for path in open_maps:
         leaf = path.rsplit(".", 1)[-1]
         assert leaf in {
-            "commonLabels", "podAnnotations", "podLabels", "nodeSelector", "affinity",
-            "resources", "requests", "limits", "annotations", "labels", "updateStrategy",
+            "commonLabels",
+            "podAnnotations",
+            "podLabels",
+            "nodeSelector",
+            "affinity",
+            "resources",
+            "requests",
+            "limits",
+            "annotations",
+            "labels",
+            "updateStrategy",
             "rollingUpdate",
         }, path
     assert set(schema["properties"]) == set(values) | {"global"}
