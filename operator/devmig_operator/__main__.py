@@ -8,6 +8,7 @@ import logging
 import sys
 
 import kopf
+import prometheus_client
 
 from devmig_operator import handlers  # noqa: F401  (registers the handlers)
 
@@ -19,15 +20,30 @@ def main(argv: list[str] | None = None) -> int:
         default="http://0.0.0.0:8081/healthz",
         help="liveness endpoint URL (default: %(default)s); empty to disable",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="port for Prometheus /metrics (default: %(default)s); 0 to disable",
+    )
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: the whole cluster",
+    )
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if a.metrics_port:
+        prometheus_client.start_http_server(a.metrics_port)
     asyncio.run(
         kopf.operator(
-            clusterwide=True,
+            clusterwide=not a.namespace,
+            namespaces=a.namespace,
             # One active operator: a second replica waits (kopf peering needs
             # its peering CRD; standalone keeps the install CRD-minimal).
             standalone=True,

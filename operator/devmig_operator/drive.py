@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from devmig_operator import agents as agentsmod
+from devmig_operator import metrics
 from devmig_operator.conditions import Phase, Reason, now, phase_status
 from devmig_operator.context import Context
 from devmig_operator.phases import preparing_target, rollback, validating
@@ -95,6 +96,9 @@ def reconcile(
             )
             patch.update(result.status)
             _write(ctx, patch)
+            metrics.record_phase(
+                ctx.namespace, ctx.name, result.next_phase, ctx.status.get("downtimeMs")
+            )
             kind = "Warning" if result.next_phase in (Phase.FAILED, Phase.ABORTED) else "Normal"
             emit(kind, result.next_phase.value, result.message or result.next_phase.value)
             log.info(

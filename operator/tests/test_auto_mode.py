@@ -3,18 +3,12 @@ DeviceMigration, pinned to the node KubeVirt chose."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from kubernetes import client
 
 from devmig_operator import automode
 from devmig_testbed import objects
-from devmig_testbed.controlplane import ControlPlane
 from devmig_testbed.kubevirt_standin import VirtController
 
 
@@ -56,25 +50,8 @@ def test_long_vmim_names_give_valid_distinct_names() -> None:
     assert len(a) <= 253 and a != b
 
 
-@pytest.fixture
-def operator(control_plane: ControlPlane, namespace: str) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "devmig_operator", "--liveness", ""],
-        env={
-            **os.environ,
-            "KUBECONFIG": str(control_plane.admin_kubeconfig),
-            "DEVMIG_NAMESPACE": namespace,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield
-    proc.terminate()
-    proc.wait(timeout=20)
-
-
 def test_a_kubevirt_migration_gets_its_device_migration(
-    kube: Any, namespace: str, operator: None
+    kube: Any, namespace: str, operator_process: Any
 ) -> None:
     objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
     co = client.CustomObjectsApi(kube)

@@ -3,7 +3,6 @@ the real API server, with real node agents on loopback."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,31 +13,12 @@ import pytest
 from kubernetes import client
 
 from devmig_testbed import objects
-from devmig_testbed.controlplane import ControlPlane
+from devmig_testbed.pytest_plugin import OperatorProcess
 
 
 @pytest.fixture
-def operator(control_plane: ControlPlane, namespace: str) -> Iterator[subprocess.Popen[str]]:
-    """The operator process; its leases and session key live in ``namespace``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "devmig_operator", "--liveness", ""],
-        env={
-            **os.environ,
-            "KUBECONFIG": str(control_plane.admin_kubeconfig),
-            "DEVMIG_NAMESPACE": namespace,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    yield proc
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    print(out[-5000:])
+def operator(operator_process: OperatorProcess) -> OperatorProcess:
+    return operator_process
 
 
 @pytest.fixture
@@ -91,7 +71,7 @@ def _leases(kube: Any, namespace: str) -> list[Any]:
 
 
 def test_a_missing_vmi_fails_the_migration_with_a_clear_reason(
-    kube: Any, namespace: str, operator: subprocess.Popen[str]
+    kube: Any, namespace: str, operator: OperatorProcess
 ) -> None:
     objects.create_dm(kube, namespace, "m", "no-such-vmi")
     dm = objects.wait_dm(
@@ -106,7 +86,7 @@ def test_a_missing_vmi_fails_the_migration_with_a_clear_reason(
 
 
 def test_a_migration_claims_a_target_prepares_and_rolls_back_when_the_agent_refuses(
-    kube: Any, namespace: str, operator: subprocess.Popen[str], agents: dict[str, str]
+    kube: Any, namespace: str, operator: OperatorProcess, agents: dict[str, str]
 ) -> None:
     # The agents answer the handshake but cannot yet run sessions: the
     # operator must report that as the failure and release every claim.
@@ -131,13 +111,14 @@ def test_a_migration_claims_a_target_prepares_and_rolls_back_when_the_agent_refu
     assert f["reason"] == "AgentError" and "UNIMPLEMENTED" in f["message"]
     assert st["rollback"]["reason"] == "AgentError"
     assert _leases(kube, namespace) == [], "rollback must release the device claim"
+    assert 'devmig_migrations_total{result="Failed"} 1.0' in operator.metrics()
     events = client.CoreV1Api(kube).list_namespaced_event(namespace).items
     reasons = {e.reason for e in events if e.involved_object.name == "m"}
     assert {"PreparingTarget", "AgentError", "Failed"} <= reasons
 
 
 def test_a_migration_waiting_for_a_target_can_be_cancelled(
-    kube: Any, namespace: str, operator: subprocess.Popen[str]
+    kube: Any, namespace: str, operator: OperatorProcess
 ) -> None:
     objects.create_node(kube, "node-a")
     objects.put_inventory(kube, "node-a", [objects.device("0000:01:00.0", vmi=f"{namespace}/vm2")])

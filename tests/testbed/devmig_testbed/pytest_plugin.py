@@ -13,10 +13,14 @@ nothing that needs the control plane may be skipped in CI.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -78,3 +82,57 @@ def namespace(kube: Any) -> Iterator[str]:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@dataclasses.dataclass
+class OperatorProcess:
+    proc: subprocess.Popen[str]
+    metrics_url: str
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            return str(r.read().decode())
+
+
+@pytest.fixture
+def operator_process(
+    control_plane: controlplane.ControlPlane, namespace: str
+) -> Iterator[OperatorProcess]:
+    """The devmig operator as a real process against the control plane, with
+    its Leases and session key in ``namespace`` and metrics on a free port.
+    Its log is printed when the test ends (pytest shows it on failure)."""
+    port = controlplane.free_port()
+    proc = subprocess.Popen(
+        # Scoped to the test's namespace: objects other tests left behind
+        # (namespaces never finish deleting without a controller-manager)
+        # must not be reconciled here.
+        [
+            sys.executable,
+            "-m",
+            "devmig_operator",
+            "--liveness",
+            "",
+            "--metrics-port",
+            str(port),
+            "--namespace",
+            namespace,
+        ],
+        env={
+            **os.environ,
+            "KUBECONFIG": str(control_plane.admin_kubeconfig),
+            "DEVMIG_NAMESPACE": namespace,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield OperatorProcess(proc, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        print(out[-5000:])
