@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from devmig_testbed import controlplane
+from devmig_testbed import controlplane, objects
 
 GROUP, VERSION, PLURAL = "devmig.io", "v1alpha1", "devicemigrations"
 
@@ -158,7 +158,13 @@ def test_a_service_account_is_forbidden_without_a_role_and_allowed_with_one(
             "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
         },
     )
-    assert co.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == []
+    # The RBAC authorizer learns of the new binding through a watch:
+    # allowed within moments, not necessarily on the very next request.
+    listed = objects.eventually(
+        lambda: co.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL),
+        what="listing with the new Role",
+    )
+    assert listed["items"] == []
     # The Role grants reading only.
     with pytest.raises(ApiException) as e:
         co.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dm("nope"))

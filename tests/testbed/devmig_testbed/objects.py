@@ -176,3 +176,36 @@ def wait_dm(
     raise AssertionError(
         f"DeviceMigration {namespace}/{name} never matched; last status {last.get('status')}"
     )
+
+
+def wait_any_dm(api: Any, namespace: str, timeout_s: float = 60) -> dict[str, Any]:
+    """The first DeviceMigration that appears in ``namespace``."""
+    co = client.CustomObjectsApi(api)
+    w = watch.Watch()
+    for ev in w.stream(
+        co.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        "devicemigrations",
+        timeout_seconds=int(timeout_s),
+    ):
+        w.stop()
+        obj: dict[str, Any] = ev["object"]
+        return obj
+    raise AssertionError(f"no DeviceMigration appeared in {namespace} within {timeout_s} s")
+
+
+def eventually(fn: Callable[[], Any], timeout_s: float = 15, what: str = "") -> Any:
+    """Call ``fn`` until it stops raising, up to ``timeout_s``; for state the
+    API server makes visible eventually, such as a new RoleBinding reaching
+    the RBAC authorizer's cache. Polls every 50 ms (the authorizer's cache
+    follows a watch, typically within tens of milliseconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what or fn} did not succeed within {timeout_s} s") from e
+        time.sleep(0.05)
