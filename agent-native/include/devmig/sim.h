@@ -1,0 +1,74 @@
+/* The simulated migratable device: the kernel's migration semantics with
+ * no hardware, behind the same struct devmig_dev as a real VFIO device.
+ *
+ * Device memory (mem_size bytes in 4 KiB pages) is the state it migrates.
+ * Its data fd is a real fd (a memfd): read() and write() work on it, a read
+ * at the end of what is available returns 0 (PRE_COPY's temporary end, as
+ * mtty does), and the stream grows when the device has more to send.
+ *
+ * The device's own stream format (opaque to devmig, like any driver's):
+ * a 32-byte header, one 4112-byte record per page sent (16-byte record
+ * header + the page), and a 32-byte end record with a digest of the whole
+ * memory, which RESUMING -> STOP checks before it installs the memory. */
+#ifndef DEVMIG_SIM_H
+#define DEVMIG_SIM_H
+
+#include <stdint.h>
+
+#include "devmig/devmig.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DEVMIG_SIM_PAGE_SIZE 4096u
+
+struct devmig_sim_config {
+	uint64_t flags;    /* DEVMIG_MIG_*; 0 means STOP_COPY|P2P|PRE_COPY */
+	uint64_t mem_size; /* bytes; 0 means 1 MiB; rounded up to whole pages */
+	/* Workload while PRE_COPY runs: pages the device dirties for each MiB
+	 * userspace reads from the data fd. Tied to read progress rather than
+	 * to time so every run is reproducible. */
+	uint32_t dirty_pages_per_mib;
+	uint64_t seed; /* initial memory content and workload page choice */
+	struct devmig_dev_desc desc; /* all zero: 1b36:0001 "devmig-sim" */
+};
+
+int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev **out);
+/* 1 when d is a simulated device. Every devmig_sim_* call below returns
+ * -ENODEV for a device that is not. */
+int devmig_dev_is_sim(const struct devmig_dev *d);
+
+/* Fault injection. */
+/* Faults stay armed until devmig_sim_clear_faults, like broken hardware.
+ * Make the arc from -> to (one step of a path) fail with -err; the device
+ * stays in `from`, or lands in ERROR when end_in_error. */
+int devmig_sim_fail_arc(struct devmig_dev *d, uint32_t from, uint32_t to, int err, int end_in_error);
+/* The resuming write that reaches stream byte `offset` fails with -err
+ * (bytes before it are accepted). */
+int devmig_sim_fail_write(struct devmig_dev *d, uint64_t offset, int err);
+/* Flip byte `offset` of the next saving stream as the device produces it
+ * (once). */
+int devmig_sim_corrupt(struct devmig_dev *d, uint64_t offset);
+int devmig_sim_clear_faults(struct devmig_dev *d);
+
+/* The workload: write to one page of device memory (as the running device
+ * would), dirtying it. -EBUSY when the device is not running. */
+int devmig_sim_touch(struct devmig_dev *d, uint64_t page);
+
+struct devmig_sim_stats {
+	uint64_t set_state_calls; /* requests that reached the device */
+	uint64_t reset_calls;
+	uint32_t last_path[DEVMIG_STATE_COUNT]; /* states entered by the last request */
+	int last_path_len;
+	uint64_t pages_dirtied;   /* by the workload, since open */
+	uint64_t loads;           /* RESUMING -> STOP that installed memory */
+};
+int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st);
+/* 64-bit FNV-1a digest of device memory: equal digests, equal memory. */
+int devmig_sim_mem_digest(struct devmig_dev *d, uint64_t *digest);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

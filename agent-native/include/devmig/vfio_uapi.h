@@ -1,0 +1,206 @@
+/* devmig's own definitions of the parts of the Linux VFIO uAPI it uses.
+ *
+ * Written from the documented uAPI (include/uapi/linux/vfio.h of a recent
+ * kernel). devmig carries its own copy because the distribution header
+ * (Debian bookworm: Linux 6.1) predates PRE_COPY, MIG_DATA_SIZE and the
+ * __aligned_u64 fields. Every name is prefixed DEVMIG_ / devmig_ so this
+ * header can be included beside <linux/vfio.h> without a clash.
+ *
+ * Layouts are the kernel's exactly: the structs are passed to ioctl() as is.
+ * tests/c/test_vfio_uapi.c pins every size, offset and ioctl number.
+ */
+#ifndef DEVMIG_VFIO_UAPI_H
+#define DEVMIG_VFIO_UAPI_H
+
+#include <stdint.h>
+#include <sys/ioctl.h>
+
+/* The kernel's __aligned_u64: 8-byte alignment even on 32-bit ABIs, so the
+ * layout is the same for every userspace. */
+typedef uint64_t devmig_aligned_u64 __attribute__((aligned(8)));
+
+/* Every VFIO ioctl is _IO(';', 100 + n): no size or direction is encoded,
+ * the structs carry their own argsz instead. */
+#define DEVMIG_VFIO_TYPE ';'
+#define DEVMIG_VFIO_BASE 100
+#define DEVMIG_VFIO_IO(n) _IO(DEVMIG_VFIO_TYPE, DEVMIG_VFIO_BASE + (n))
+
+#define DEVMIG_VFIO_GET_API_VERSION DEVMIG_VFIO_IO(0)        /* container fd */
+#define DEVMIG_VFIO_CHECK_EXTENSION DEVMIG_VFIO_IO(1)        /* container fd */
+#define DEVMIG_VFIO_GROUP_GET_DEVICE_FD DEVMIG_VFIO_IO(6)    /* group fd */
+#define DEVMIG_VFIO_DEVICE_GET_INFO DEVMIG_VFIO_IO(7)        /* device fd */
+#define DEVMIG_VFIO_DEVICE_GET_REGION_INFO DEVMIG_VFIO_IO(8) /* device fd */
+#define DEVMIG_VFIO_DEVICE_GET_IRQ_INFO DEVMIG_VFIO_IO(9)    /* device fd */
+#define DEVMIG_VFIO_DEVICE_SET_IRQS DEVMIG_VFIO_IO(10)       /* device fd */
+#define DEVMIG_VFIO_DEVICE_RESET DEVMIG_VFIO_IO(11)          /* device fd */
+#define DEVMIG_VFIO_DEVICE_FEATURE DEVMIG_VFIO_IO(17)        /* device fd */
+/* Issued on the migration data fd, not the device fd; shares its number
+ * with VFIO_EEH_PE_OP, which is a container ioctl. */
+#define DEVMIG_VFIO_MIG_GET_PRECOPY_INFO DEVMIG_VFIO_IO(21)
+
+/* ---- VFIO_DEVICE_GET_INFO ---- */
+struct devmig_vfio_device_info {
+	uint32_t argsz;
+	uint32_t flags;
+	uint32_t num_regions;
+	uint32_t num_irqs;
+	uint32_t cap_offset; /* offset of the first capability, if FLAGS_CAPS */
+	uint32_t pad;
+};
+#define DEVMIG_VFIO_DEVICE_FLAGS_RESET (1u << 0)
+#define DEVMIG_VFIO_DEVICE_FLAGS_PCI (1u << 1)
+#define DEVMIG_VFIO_DEVICE_FLAGS_CAPS (1u << 7)
+
+/* ---- VFIO_DEVICE_GET_REGION_INFO ---- */
+struct devmig_vfio_region_info {
+	uint32_t argsz;
+	uint32_t flags;
+	uint32_t index;
+	uint32_t cap_offset; /* from the start of this struct; 0 = no caps */
+	devmig_aligned_u64 size;
+	devmig_aligned_u64 offset; /* of the region within the device fd */
+};
+#define DEVMIG_VFIO_REGION_INFO_FLAG_READ (1u << 0)
+#define DEVMIG_VFIO_REGION_INFO_FLAG_WRITE (1u << 1)
+#define DEVMIG_VFIO_REGION_INFO_FLAG_MMAP (1u << 2)
+#define DEVMIG_VFIO_REGION_INFO_FLAG_CAPS (1u << 3)
+
+/* vfio-pci region indexes. */
+#define DEVMIG_VFIO_PCI_BAR0_REGION_INDEX 0
+#define DEVMIG_VFIO_PCI_BAR5_REGION_INDEX 5
+#define DEVMIG_VFIO_PCI_ROM_REGION_INDEX 6
+#define DEVMIG_VFIO_PCI_CONFIG_REGION_INDEX 7
+#define DEVMIG_VFIO_PCI_VGA_REGION_INDEX 8
+
+/* Capability chain header, shared by device, region and IOMMU info. `next`
+ * is the offset of the next header from the start of the info struct;
+ * 0 ends the chain. */
+struct devmig_vfio_info_cap_header {
+	uint16_t id;
+	uint16_t version;
+	uint32_t next;
+};
+
+#define DEVMIG_VFIO_REGION_INFO_CAP_SPARSE_MMAP 1
+#define DEVMIG_VFIO_REGION_INFO_CAP_TYPE 2
+#define DEVMIG_VFIO_REGION_INFO_CAP_MSIX_MAPPABLE 3
+
+/* Areas of a region that may be mmapped; the rest must go through pread/
+ * pwrite on the device fd (trapped). */
+struct devmig_vfio_region_sparse_mmap_area {
+	devmig_aligned_u64 offset; /* from the start of the region */
+	devmig_aligned_u64 size;
+};
+struct devmig_vfio_region_info_cap_sparse_mmap {
+	struct devmig_vfio_info_cap_header header;
+	uint32_t nr_areas;
+	uint32_t reserved;
+	struct devmig_vfio_region_sparse_mmap_area areas[];
+};
+
+struct devmig_vfio_region_info_cap_type {
+	struct devmig_vfio_info_cap_header header;
+	uint32_t type;
+	uint32_t subtype;
+};
+
+/* ---- VFIO_DEVICE_GET_IRQ_INFO / SET_IRQS ---- */
+struct devmig_vfio_irq_info {
+	uint32_t argsz;
+	uint32_t flags;
+	uint32_t index;
+	uint32_t count; /* number of vectors at this index */
+};
+#define DEVMIG_VFIO_IRQ_INFO_EVENTFD (1u << 0)
+#define DEVMIG_VFIO_IRQ_INFO_MASKABLE (1u << 1)
+#define DEVMIG_VFIO_IRQ_INFO_AUTOMASKED (1u << 2)
+#define DEVMIG_VFIO_IRQ_INFO_NORESIZE (1u << 3)
+
+struct devmig_vfio_irq_set {
+	uint32_t argsz;
+	uint32_t flags;
+	uint32_t index;
+	uint32_t start;
+	uint32_t count;
+	uint8_t data[]; /* count bools or count int32 eventfds, per flags */
+};
+#define DEVMIG_VFIO_IRQ_SET_DATA_NONE (1u << 0)
+#define DEVMIG_VFIO_IRQ_SET_DATA_BOOL (1u << 1)
+#define DEVMIG_VFIO_IRQ_SET_DATA_EVENTFD (1u << 2)
+#define DEVMIG_VFIO_IRQ_SET_ACTION_MASK (1u << 3)
+#define DEVMIG_VFIO_IRQ_SET_ACTION_UNMASK (1u << 4)
+#define DEVMIG_VFIO_IRQ_SET_ACTION_TRIGGER (1u << 5)
+
+/* vfio-pci IRQ indexes. */
+#define DEVMIG_VFIO_PCI_INTX_IRQ_INDEX 0
+#define DEVMIG_VFIO_PCI_MSI_IRQ_INDEX 1
+#define DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX 2
+#define DEVMIG_VFIO_PCI_ERR_IRQ_INDEX 3
+#define DEVMIG_VFIO_PCI_REQ_IRQ_INDEX 4
+
+/* ---- VFIO_DEVICE_FEATURE framing ---- */
+struct devmig_vfio_device_feature {
+	uint32_t argsz;
+	uint32_t flags; /* feature id in the low 16 bits, GET/SET/PROBE above */
+	uint8_t data[];
+};
+#define DEVMIG_VFIO_DEVICE_FEATURE_MASK 0xffffu
+#define DEVMIG_VFIO_DEVICE_FEATURE_GET (1u << 16)
+#define DEVMIG_VFIO_DEVICE_FEATURE_SET (1u << 17)
+#define DEVMIG_VFIO_DEVICE_FEATURE_PROBE (1u << 18)
+
+/* Feature ids. */
+#define DEVMIG_VFIO_DEVICE_FEATURE_MIGRATION 1
+#define DEVMIG_VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE 2
+#define DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_START 6
+#define DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP 7
+#define DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT 8
+#define DEVMIG_VFIO_DEVICE_FEATURE_MIG_DATA_SIZE 9
+
+/* MIGRATION (GET only): which optional parts of the FSM the device has. */
+struct devmig_vfio_device_feature_migration {
+	devmig_aligned_u64 flags;
+};
+#define DEVMIG_VFIO_MIGRATION_STOP_COPY (1u << 0) /* mandatory */
+#define DEVMIG_VFIO_MIGRATION_P2P (1u << 1)
+#define DEVMIG_VFIO_MIGRATION_PRE_COPY (1u << 2)
+
+/* MIG_DEVICE_STATE (GET/SET). SET writes data_fd back: a new fd for arcs
+ * that open a data session, -1 otherwise; GET returns -1. */
+struct devmig_vfio_device_feature_mig_state {
+	uint32_t device_state; /* enum devmig_mig_state */
+	int32_t data_fd;
+};
+
+/* MIG_DATA_SIZE (GET): estimate of the bytes STOP_COPY still has to send. */
+struct devmig_vfio_device_feature_mig_data_size {
+	devmig_aligned_u64 stop_copy_length;
+};
+
+/* DMA logging (ids 6, 7, 8). */
+struct devmig_vfio_device_feature_dma_logging_range {
+	devmig_aligned_u64 iova;
+	devmig_aligned_u64 length;
+};
+struct devmig_vfio_device_feature_dma_logging_control {
+	devmig_aligned_u64 page_size; /* hint in, granularity used out */
+	uint32_t num_ranges;
+	uint32_t reserved;
+	devmig_aligned_u64 ranges; /* user pointer to the range array */
+};
+struct devmig_vfio_device_feature_dma_logging_report {
+	devmig_aligned_u64 iova;
+	devmig_aligned_u64 length;
+	devmig_aligned_u64 page_size;
+	devmig_aligned_u64 bitmap; /* user pointer to a zeroed u64 array */
+};
+
+/* ---- VFIO_MIG_GET_PRECOPY_INFO (on the data fd) ---- */
+struct devmig_vfio_precopy_info {
+	uint32_t argsz;
+	uint32_t flags;
+	devmig_aligned_u64 initial_bytes; /* unread initial data; counts down */
+	devmig_aligned_u64 dirty_bytes;   /* re-dirtied data estimate; may never reach 0 */
+};
+
+#endif

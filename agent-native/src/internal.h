@@ -1,0 +1,50 @@
+/* Shared between libdevmig's sources; not installed. */
+#ifndef DEVMIG_INTERNAL_H
+#define DEVMIG_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "devmig/devmig.h"
+
+/* What a device backend provides. Each op is one device operation with the
+ * kernel's semantics and returns 0/positive or -errno; the state machine
+ * logic, logging and recovery live above, in fsm.c and data.c. */
+struct devmig_dev_ops {
+	const char *kind; /* "vfio", "sim" */
+	int (*mig_flags)(struct devmig_dev *d, uint64_t *flags);
+	int (*get_state)(struct devmig_dev *d, uint32_t *state);
+	/* One request for the final state; the device walks the path itself
+	 * as the kernel does. *data_fd: new fd or -1. */
+	int (*set_state)(struct devmig_dev *d, uint32_t state, int *data_fd);
+	int (*reset)(struct devmig_dev *d);
+	int (*precopy_info)(struct devmig_dev *d, int data_fd, uint64_t *initial, uint64_t *dirty);
+	int (*data_size)(struct devmig_dev *d, uint64_t *bytes);
+	ssize_t (*data_read)(struct devmig_dev *d, int data_fd, void *buf, size_t len);
+	ssize_t (*data_write)(struct devmig_dev *d, int data_fd, const void *buf, size_t len);
+	void (*destroy)(struct devmig_dev *d);
+};
+
+struct devmig_dev {
+	const struct devmig_dev_ops *ops;
+	void *priv;  /* backend state (the simulated device) */
+	int fd;      /* VFIO device fd, or -1 */
+	uint64_t flags;
+	uint32_t state; /* last state the device confirmed */
+	int data_fd;    /* open data session, or -1 */
+	bool poisoned;
+	struct devmig_dev_desc desc;
+	devmig_log_fn log;
+	void *log_ctx;
+};
+
+/* Allocate a device around a backend and read its flags and state. */
+int devmig_dev_init(const struct devmig_dev_ops *ops, void *priv, int fd,
+		    const struct devmig_dev_desc *desc, struct devmig_dev **out);
+void devmig_logf(struct devmig_dev *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Close the data session fd, if any. */
+void devmig_dev_end_session(struct devmig_dev *d);
+
+#endif

@@ -1,0 +1,268 @@
+/* Every VFIO ioctl devmig issues, and nothing else: each wrapper frames the
+ * request, issues it and converts the answer, returning 0 or -errno. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include "devmig/vfio.h"
+
+/* ioctl() with EINTR retried and the result as 0/positive or -errno. */
+static int xioctl(int fd, unsigned long req, void *arg)
+{
+	int r;
+
+	do
+		r = ioctl(fd, req, arg);
+	while (r < 0 && errno == EINTR);
+	return r < 0 ? -errno : r;
+}
+
+/* A VFIO_DEVICE_FEATURE request: the 8-byte header and up to 16 bytes of
+ * payload (the largest fixed payload devmig sends is 8 bytes; 16 leaves
+ * room), 8-byte aligned because the payloads hold __aligned_u64. */
+#define FEATURE_HDR sizeof(struct devmig_vfio_device_feature)
+#define FEATURE_MAX_PAYLOAD 16
+
+static int feature(int fd, uint32_t flags, void *payload, size_t len)
+{
+	union {
+		uint64_t align;
+		uint8_t b[FEATURE_HDR + FEATURE_MAX_PAYLOAD];
+	} fb;
+	struct devmig_vfio_device_feature *hdr = (void *)fb.b;
+	int r;
+
+	if (len > FEATURE_MAX_PAYLOAD)
+		return -EINVAL;
+	memset(&fb, 0, sizeof(fb));
+	hdr->argsz = (uint32_t)(FEATURE_HDR + len);
+	hdr->flags = flags;
+	if (len)
+		memcpy(fb.b + FEATURE_HDR, payload, len);
+	r = xioctl(fd, DEVMIG_VFIO_DEVICE_FEATURE, &fb);
+	if (r >= 0 && len)
+		memcpy(payload, fb.b + FEATURE_HDR, len);
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_group_get_device_fd(int group_fd, const char *name)
+{
+	/* The argument is the device name string itself, not a struct. */
+	return xioctl(group_fd, DEVMIG_VFIO_GROUP_GET_DEVICE_FD, (void *)name);
+}
+
+int devmig_vfio_device_get_info(int fd, struct devmig_vfio_device_info *info)
+{
+	memset(info, 0, sizeof(*info));
+	info->argsz = sizeof(*info);
+	int r = xioctl(fd, DEVMIG_VFIO_DEVICE_GET_INFO, info);
+
+	return r < 0 ? r : 0;
+}
+
+void devmig_region_info_free(struct devmig_region_info *ri)
+{
+	if (!ri)
+		return;
+	free(ri->sparse);
+	ri->sparse = NULL;
+	ri->nr_sparse = 0;
+}
+
+int devmig_region_info_parse(const void *buf, size_t len, struct devmig_region_info *out)
+{
+	const struct devmig_vfio_region_info *ri = buf;
+	const uint8_t *base = buf;
+	/* A chain longer than this is a loop: each header takes at least 8
+	 * bytes of a buffer the kernel bounds to argsz. */
+	size_t max_caps = len / sizeof(struct devmig_vfio_info_cap_header);
+
+	memset(out, 0, sizeof(*out));
+	if (len < sizeof(*ri))
+		return -EPROTO;
+	out->index = ri->index;
+	out->flags = ri->flags;
+	out->size = ri->size;
+	out->offset = ri->offset;
+	if (!(ri->flags & DEVMIG_VFIO_REGION_INFO_FLAG_CAPS))
+		return 0;
+	for (uint32_t off = ri->cap_offset; off; max_caps--) {
+		const struct devmig_vfio_info_cap_header *h;
+
+		/* Headers follow the fixed struct and must lie inside the buffer. */
+		if (!max_caps || off < sizeof(*ri) || off > len || len - off < sizeof(*h))
+			goto bad;
+		h = (const void *)(base + off);
+		if (h->id == DEVMIG_VFIO_REGION_INFO_CAP_SPARSE_MMAP && !out->has_sparse) {
+			const struct devmig_vfio_region_info_cap_sparse_mmap *sp = (const void *)h;
+
+			if (len - off < sizeof(*sp) ||
+			    (len - off - sizeof(*sp)) / sizeof(sp->areas[0]) < sp->nr_areas)
+				goto bad;
+			out->has_sparse = 1;
+			out->nr_sparse = sp->nr_areas;
+			if (sp->nr_areas) {
+				out->sparse = calloc(sp->nr_areas, sizeof(sp->areas[0]));
+				if (!out->sparse)
+					return -ENOMEM;
+				memcpy(out->sparse, sp->areas, sp->nr_areas * sizeof(sp->areas[0]));
+			}
+		} else if (h->id == DEVMIG_VFIO_REGION_INFO_CAP_TYPE) {
+			const struct devmig_vfio_region_info_cap_type *ty = (const void *)h;
+
+			if (len - off < sizeof(*ty))
+				goto bad;
+			out->has_type = 1;
+			out->type = ty->type;
+			out->subtype = ty->subtype;
+		}
+		off = h->next;
+	}
+	return 0;
+bad:
+	devmig_region_info_free(out);
+	return -EPROTO;
+}
+
+int devmig_vfio_get_region_info(int fd, uint32_t index, struct devmig_region_info *out)
+{
+	struct devmig_vfio_region_info probe = { .argsz = sizeof(probe), .index = index };
+	void *buf;
+	uint32_t need;
+	int r;
+
+	memset(out, 0, sizeof(*out));
+	r = xioctl(fd, DEVMIG_VFIO_DEVICE_GET_REGION_INFO, &probe);
+	if (r < 0)
+		return r;
+	if (probe.argsz <= sizeof(probe))
+		return devmig_region_info_parse(&probe, sizeof(probe), out);
+	/* The caps did not fit: the kernel told us the size they need. A
+	 * second call can still report a bigger argsz if the chain grew in
+	 * between; then the answer is incomplete and we ask again. */
+	for (;;) {
+		need = probe.argsz;
+		buf = calloc(1, need);
+		if (!buf)
+			return -ENOMEM;
+		((struct devmig_vfio_region_info *)buf)->argsz = need;
+		((struct devmig_vfio_region_info *)buf)->index = index;
+		r = xioctl(fd, DEVMIG_VFIO_DEVICE_GET_REGION_INFO, buf);
+		if (r < 0) {
+			free(buf);
+			return r;
+		}
+		probe.argsz = ((struct devmig_vfio_region_info *)buf)->argsz;
+		if (probe.argsz <= need)
+			break;
+		free(buf);
+	}
+	r = devmig_region_info_parse(buf, need, out);
+	free(buf);
+	return r;
+}
+
+int devmig_vfio_get_irq_info(int fd, uint32_t index, struct devmig_vfio_irq_info *info)
+{
+	memset(info, 0, sizeof(*info));
+	info->argsz = sizeof(*info);
+	info->index = index;
+	int r = xioctl(fd, DEVMIG_VFIO_DEVICE_GET_IRQ_INFO, info);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_set_irqs_eventfd(int fd, uint32_t index, uint32_t start, uint32_t count,
+				 const int32_t *eventfds)
+{
+	struct devmig_vfio_irq_set *set;
+	size_t sz = sizeof(*set) + (size_t)count * sizeof(int32_t);
+	int r;
+
+	set = calloc(1, sz);
+	if (!set)
+		return -ENOMEM;
+	set->argsz = (uint32_t)sz;
+	set->index = index;
+	set->start = start;
+	set->count = count;
+	/* count == 0 with DATA_NONE|ACTION_TRIGGER is the documented way to
+	 * disable every vector of the index. */
+	set->flags = DEVMIG_VFIO_IRQ_SET_ACTION_TRIGGER |
+		     (count ? DEVMIG_VFIO_IRQ_SET_DATA_EVENTFD : DEVMIG_VFIO_IRQ_SET_DATA_NONE);
+	if (count)
+		memcpy(set->data, eventfds, (size_t)count * sizeof(int32_t));
+	r = xioctl(fd, DEVMIG_VFIO_DEVICE_SET_IRQS, set);
+	free(set);
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_reset(int fd)
+{
+	int r = xioctl(fd, DEVMIG_VFIO_DEVICE_RESET, NULL);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_feature_probe(int fd, uint32_t feat, uint32_t get_set)
+{
+	return feature(fd, (feat & DEVMIG_VFIO_DEVICE_FEATURE_MASK) | get_set |
+				   DEVMIG_VFIO_DEVICE_FEATURE_PROBE,
+		       NULL, 0);
+}
+
+int devmig_vfio_mig_flags(int fd, uint64_t *flags)
+{
+	struct devmig_vfio_device_feature_migration m = { 0 };
+	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIGRATION | DEVMIG_VFIO_DEVICE_FEATURE_GET,
+			&m, sizeof(m));
+
+	if (r == 0)
+		*flags = m.flags;
+	return r;
+}
+
+int devmig_vfio_mig_get_state(int fd, uint32_t *state)
+{
+	struct devmig_vfio_device_feature_mig_state m = { .data_fd = -1 };
+	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | DEVMIG_VFIO_DEVICE_FEATURE_GET,
+			&m, sizeof(m));
+
+	if (r == 0)
+		*state = m.device_state;
+	return r;
+}
+
+int devmig_vfio_mig_set_state(int fd, uint32_t state, int *data_fd)
+{
+	struct devmig_vfio_device_feature_mig_state m = { .device_state = state, .data_fd = -1 };
+	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | DEVMIG_VFIO_DEVICE_FEATURE_SET,
+			&m, sizeof(m));
+
+	*data_fd = r == 0 ? m.data_fd : -1;
+	return r;
+}
+
+int devmig_vfio_mig_data_size(int fd, uint64_t *bytes)
+{
+	struct devmig_vfio_device_feature_mig_data_size m = { 0 };
+	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIG_DATA_SIZE | DEVMIG_VFIO_DEVICE_FEATURE_GET,
+			&m, sizeof(m));
+
+	if (r == 0)
+		*bytes = m.stop_copy_length;
+	return r;
+}
+
+int devmig_vfio_precopy_info(int data_fd, uint64_t *initial_bytes, uint64_t *dirty_bytes)
+{
+	struct devmig_vfio_precopy_info pi = { .argsz = sizeof(pi) };
+	int r = xioctl(data_fd, DEVMIG_VFIO_MIG_GET_PRECOPY_INFO, &pi);
+
+	if (r < 0)
+		return r;
+	*initial_bytes = pi.initial_bytes;
+	*dirty_bytes = pi.dirty_bytes;
+	return 0;
+}

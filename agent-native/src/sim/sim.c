@@ -1,0 +1,714 @@
+/* The simulated migratable device (see include/devmig/sim.h). It follows
+ * the kernel's rules: the same paths for its flag set (the same arc table
+ * as fsm.c, walked one step at a time as a driver's migration_set_state
+ * does), -EINVAL for refused requests, ERROR left only by reset, a data fd
+ * per session, PRE_COPY info, and validation of resumed data. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "devmig/sim.h"
+#include "../internal.h"
+
+#define PAGE DEVMIG_SIM_PAGE_SIZE
+/* Stream layout, little-endian as the host (the sim never crosses hosts). */
+#define SIM_MAGIC 0x5645444d4953444dull /* "MDSIMDEV" */
+#define SIM_VERSION 1u
+#define HDR_LEN 32u     /* magic 8, version 4, page size 4, pages 8, reserved 8 */
+#define REC_HDR_LEN 16u /* tag 4, page index 4, page digest 8 */
+#define REC_LEN (REC_HDR_LEN + PAGE)
+#define END_LEN 16u /* tag 4, reserved 4, memory digest 8 */
+#define TAG_PAGE 1u
+#define TAG_END 2u
+/* Largest memory the sim models: page indexes are 32-bit in its records. */
+#define MAX_PAGES (1ull << 32)
+
+enum sess { SESS_NONE, SESS_SAVE, SESS_RESUME };
+
+struct sim {
+	uint64_t flags;
+	uint64_t npages;
+	uint8_t *mem;
+	uint8_t *dirty; /* one byte per page: written since the last send */
+	uint64_t ndirty;
+	uint32_t dirty_per_mib;
+	uint64_t rng;
+	uint64_t touches;
+	uint32_t state;
+
+	enum sess sess;
+	int sess_fd;          /* the device's own reference to the session memfd */
+	uint64_t appended;    /* saving: bytes in the stream so far */
+	uint64_t initial_end; /* saving: where PRE_COPY's initial data ends */
+	uint64_t read_seen;   /* saving: reader offset the workload last saw */
+	uint64_t dirty_frac;  /* workload: fraction of a page owed, in 1/MiB units */
+	bool hdr_checked;     /* resuming: the header was checked */
+
+	bool arc_fault;
+	uint32_t fault_from, fault_to;
+	int fault_err;
+	bool fault_to_error;
+	bool write_fault;
+	uint64_t write_fault_at;
+	int write_fault_err;
+	bool corrupt;
+	uint64_t corrupt_at;
+
+	struct devmig_sim_stats st;
+};
+
+static const struct devmig_dev_ops sim_ops;
+
+static struct sim *to_sim(const struct devmig_dev *d)
+{
+	return d && d->ops == &sim_ops ? d->priv : NULL;
+}
+
+int devmig_dev_is_sim(const struct devmig_dev *d)
+{
+	return to_sim(d) != NULL;
+}
+
+static uint64_t fnv1a(const void *buf, size_t len, uint64_t h)
+{
+	const uint8_t *p = buf;
+
+	for (size_t i = 0; i < len; i++) {
+		h ^= p[i];
+		h *= 0x100000001b3ull; /* the 64-bit FNV prime */
+	}
+	return h;
+}
+#define FNV_BASIS 0xcbf29ce484222325ull
+
+/* xorshift64: a reproducible page choice for the workload. */
+static uint64_t rng_next(struct sim *s)
+{
+	s->rng ^= s->rng << 13;
+	s->rng ^= s->rng >> 7;
+	s->rng ^= s->rng << 17;
+	return s->rng;
+}
+
+static bool running(uint32_t st)
+{
+	return st == DEVMIG_STATE_RUNNING || st == DEVMIG_STATE_RUNNING_P2P ||
+	       st == DEVMIG_STATE_PRE_COPY || st == DEVMIG_STATE_PRE_COPY_P2P;
+}
+
+static void touch(struct sim *s, uint64_t page)
+{
+	uint64_t v = ++s->touches ^ s->rng;
+
+	/* One 8-byte store at a place that moves with the count: enough to
+	 * change the page's digest every time. */
+	memcpy(s->mem + page * PAGE + (s->touches % (PAGE / 8)) * 8, &v, 8);
+	if (!s->dirty[page]) {
+		s->dirty[page] = 1;
+		s->ndirty++;
+	}
+	s->st.pages_dirtied++;
+}
+
+static uint64_t reader_offset(struct sim *s)
+{
+	off_t o = lseek(s->sess_fd, 0, SEEK_CUR);
+
+	return o < 0 ? 0 : (uint64_t)o;
+}
+
+/* The running device dirties pages in proportion to what was read. */
+static void workload(struct sim *s)
+{
+	uint64_t off;
+
+	if (s->sess != SESS_SAVE || !running(s->state))
+		return;
+	off = reader_offset(s);
+	if (off > s->read_seen && s->dirty_per_mib) {
+		s->dirty_frac += (off - s->read_seen) * s->dirty_per_mib;
+		for (; s->dirty_frac >= (1u << 20); s->dirty_frac -= (1u << 20))
+			touch(s, rng_next(s) % s->npages);
+	}
+	if (off > s->read_seen)
+		s->read_seen = off;
+}
+
+static int append(struct sim *s, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	uint8_t flipped;
+	ssize_t n;
+
+	if (s->corrupt && s->corrupt_at >= s->appended && s->corrupt_at < s->appended + len) {
+		size_t at = (size_t)(s->corrupt_at - s->appended);
+
+		/* Write the stream in three parts with the one byte changed;
+		 * the caller's buffer is device memory and stays intact. */
+		s->corrupt = false;
+		if (at && append(s, p, at) < 0)
+			return -EIO;
+		flipped = p[at] ^ 0x5a;
+		if (append(s, &flipped, 1) < 0)
+			return -EIO;
+		return len - at - 1 ? append(s, p + at + 1, len - at - 1) : 0;
+	}
+	while (len) {
+		n = pwrite(s->sess_fd, p, len, (off_t)s->appended);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		p += n;
+		len -= (size_t)n;
+		s->appended += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int append_header(struct sim *s)
+{
+	uint8_t h[HDR_LEN] = { 0 };
+	uint64_t magic = SIM_MAGIC;
+	uint32_t ver = SIM_VERSION, ps = PAGE;
+
+	memcpy(h, &magic, 8);
+	memcpy(h + 8, &ver, 4);
+	memcpy(h + 12, &ps, 4);
+	memcpy(h + 16, &s->npages, 8);
+	return append(s, h, sizeof(h));
+}
+
+static int append_page(struct sim *s, uint64_t page)
+{
+	uint8_t h[REC_HDR_LEN];
+	uint32_t tag = TAG_PAGE, idx = (uint32_t)page;
+	uint64_t dg = fnv1a(s->mem + page * PAGE, PAGE, FNV_BASIS);
+	int r;
+
+	memcpy(h, &tag, 4);
+	memcpy(h + 4, &idx, 4);
+	memcpy(h + 8, &dg, 8);
+	r = append(s, h, sizeof(h));
+	if (r == 0)
+		r = append(s, s->mem + page * PAGE, PAGE);
+	if (r == 0 && s->dirty[page]) {
+		s->dirty[page] = 0;
+		s->ndirty--;
+	}
+	return r;
+}
+
+static int append_dirty(struct sim *s)
+{
+	for (uint64_t p = 0; p < s->npages && s->ndirty; p++)
+		if (s->dirty[p] && append_page(s, p) < 0)
+			return -EIO;
+	return 0;
+}
+
+static int append_end(struct sim *s)
+{
+	uint8_t h[END_LEN] = { 0 };
+	uint32_t tag = TAG_END;
+	uint64_t dg = fnv1a(s->mem, s->npages * PAGE, FNV_BASIS);
+
+	memcpy(h, &tag, 4);
+	memcpy(h + 8, &dg, 8);
+	return append(s, h, sizeof(h));
+}
+
+static void end_session(struct sim *s)
+{
+	if (s->sess == SESS_NONE)
+		return;
+	/* Like a driver disabling the fd: userspace's copy reads nothing more. */
+	if (ftruncate(s->sess_fd, 0) < 0) {
+		/* a memfd without seals always truncates; nothing to undo */
+	}
+	close(s->sess_fd);
+	s->sess_fd = -1;
+	s->sess = SESS_NONE;
+}
+
+/* A new session: a fresh memfd, the device's reference kept, a duplicate
+ * for userspace (close-on-exec, as the kernel installs it). */
+static int open_session(struct sim *s, enum sess kind, int *user_fd)
+{
+	int fd = memfd_create("devmig-sim-data", MFD_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	*user_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	if (*user_fd < 0) {
+		int e = -errno;
+
+		close(fd);
+		return e;
+	}
+	end_session(s);
+	s->sess = kind;
+	s->sess_fd = fd;
+	s->appended = 0;
+	s->initial_end = 0;
+	s->read_seen = 0;
+	s->dirty_frac = 0;
+	s->hdr_checked = false;
+	return 0;
+}
+
+static int check_header(const uint8_t *h, uint64_t npages)
+{
+	uint64_t magic, pages;
+	uint32_t ver, ps;
+
+	memcpy(&magic, h, 8);
+	memcpy(&ver, h + 8, 4);
+	memcpy(&ps, h + 12, 4);
+	memcpy(&pages, h + 16, 8);
+	return magic == SIM_MAGIC && ver == SIM_VERSION && ps == PAGE && pages == npages ? 0 : -EFAULT;
+}
+
+/* RESUMING -> STOP: check everything written and install it, or refuse.
+ * Short data is -EINVAL (as mtty); data that does not verify is -EIO. */
+static int load(struct sim *s)
+{
+	struct stat stt;
+	uint8_t *buf = NULL, *img = NULL, *seen = NULL;
+	uint64_t len, off, dg;
+	int r = -EINVAL;
+
+	if (fstat(s->sess_fd, &stt) < 0)
+		return -errno;
+	len = (uint64_t)stt.st_size;
+	if (len < HDR_LEN + END_LEN)
+		return -EINVAL;
+	buf = malloc(len);
+	img = calloc(s->npages, PAGE);
+	seen = calloc(s->npages, 1);
+	if (!buf || !img || !seen) {
+		r = -ENOMEM;
+		goto out;
+	}
+	if (pread(s->sess_fd, buf, len, 0) != (ssize_t)len) {
+		r = -EIO;
+		goto out;
+	}
+	if (check_header(buf, s->npages) < 0) {
+		r = -EIO;
+		goto out;
+	}
+	for (off = HDR_LEN;;) {
+		uint32_t tag, idx;
+
+		if (len - off < 4)
+			goto out; /* short: -EINVAL */
+		memcpy(&tag, buf + off, 4);
+		if (tag == TAG_END) {
+			if (len - off < END_LEN)
+				goto out;
+			memcpy(&dg, buf + off + 8, 8);
+			off += END_LEN;
+			break;
+		}
+		if (tag != TAG_PAGE) {
+			r = -EIO;
+			goto out;
+		}
+		if (len - off < REC_LEN)
+			goto out;
+		memcpy(&idx, buf + off + 4, 4);
+		memcpy(&dg, buf + off + 8, 8);
+		if (idx >= s->npages || fnv1a(buf + off + REC_HDR_LEN, PAGE, FNV_BASIS) != dg) {
+			r = -EIO;
+			goto out;
+		}
+		memcpy(img + (uint64_t)idx * PAGE, buf + off + REC_HDR_LEN, PAGE);
+		seen[idx] = 1;
+		off += REC_LEN;
+	}
+	r = -EIO;
+	if (off != len || fnv1a(img, s->npages * PAGE, FNV_BASIS) != dg)
+		goto out;
+	for (uint64_t p = 0; p < s->npages; p++)
+		if (!seen[p])
+			goto out;
+	memcpy(s->mem, img, s->npages * PAGE);
+	s->st.loads++;
+	r = 0;
+out:
+	free(buf);
+	free(img);
+	free(seen);
+	return r;
+}
+
+/* One arc, as a driver implements it. */
+static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
+{
+	const uint32_t S = DEVMIG_STATE_STOP, R = DEVMIG_STATE_RUNNING, SC = DEVMIG_STATE_STOP_COPY,
+		       RS = DEVMIG_STATE_RESUMING, RP = DEVMIG_STATE_RUNNING_P2P,
+		       PC = DEVMIG_STATE_PRE_COPY, PP = DEVMIG_STATE_PRE_COPY_P2P;
+	int r = 0;
+
+	if (s->arc_fault && s->fault_from == from && s->fault_to == to) {
+		if (s->fault_to_error) {
+			end_session(s);
+			s->state = DEVMIG_STATE_ERROR;
+		}
+		return -s->fault_err;
+	}
+	if (from == S && to == SC) {
+		r = open_session(s, SESS_SAVE, new_fd);
+		if (r == 0)
+			r = append_header(s);
+		for (uint64_t p = 0; r == 0 && p < s->npages; p++)
+			r = append_page(s, p);
+		if (r == 0)
+			r = append_end(s);
+	} else if ((from == R && to == PC) || (from == RP && to == PP)) {
+		r = open_session(s, SESS_SAVE, new_fd);
+		/* Dirty tracking starts with the session: everything is in
+		 * the initial data, only later writes are dirty. */
+		memset(s->dirty, 0, s->npages);
+		s->ndirty = 0;
+		if (r == 0)
+			r = append_header(s);
+		for (uint64_t p = 0; r == 0 && p < s->npages; p++)
+			r = append_page(s, p);
+		s->initial_end = s->appended;
+	} else if ((from == PC || from == PP) && to == SC) {
+		r = append_dirty(s);
+		if (r == 0)
+			r = append_end(s);
+	} else if (from == S && to == RS) {
+		r = open_session(s, SESS_RESUME, new_fd);
+	} else if (from == RS && to == S) {
+		r = load(s);
+		end_session(s);
+		if (r < 0) {
+			s->state = DEVMIG_STATE_ERROR;
+			return r;
+		}
+	} else if ((from == SC && to == S) || (from == PC && to == R) || (from == PP && to == RP)) {
+		end_session(s);
+	}
+	if (r < 0) {
+		if (*new_fd >= 0) {
+			/* The session this arc opened dies with it. */
+			close(*new_fd);
+			end_session(s);
+		}
+		*new_fd = -1;
+		return r;
+	}
+	s->state = to;
+	return 0;
+}
+
+static int sim_set_state(struct devmig_dev *d, uint32_t to, int *data_fd)
+{
+	struct sim *s = d->priv;
+	uint32_t path[DEVMIG_STATE_COUNT];
+	int n, r = 0, fd = -1;
+
+	*data_fd = -1;
+	s->st.set_state_calls++;
+	s->st.last_path_len = 0;
+	workload(s);
+	/* The kernel's checks: current and target supported, no blocked arc. */
+	n = devmig_fsm_path(s->flags, s->state, to, path, DEVMIG_STATE_COUNT);
+	if (n < 0)
+		return -EINVAL;
+	for (int i = 0; i < n; i++) {
+		if (fd >= 0) {
+			/* Only the final step may hand out a file (mlx5 WARNs
+			 * and fails otherwise); the table never does this. */
+			close(fd);
+			return -EINVAL;
+		}
+		r = step(s, s->state, path[i], &fd);
+		if (r < 0)
+			return r;
+		s->st.last_path[s->st.last_path_len++] = path[i];
+	}
+	*data_fd = fd;
+	return 0;
+}
+
+static int sim_mig_flags(struct devmig_dev *d, uint64_t *flags)
+{
+	*flags = to_sim(d)->flags;
+	return 0;
+}
+
+static int sim_get_state(struct devmig_dev *d, uint32_t *state)
+{
+	*state = to_sim(d)->state;
+	return 0;
+}
+
+static int sim_reset(struct devmig_dev *d)
+{
+	struct sim *s = d->priv;
+
+	s->st.reset_calls++;
+	end_session(s);
+	/* A reset device holds none of the state it had or was loading. */
+	memset(s->mem, 0, s->npages * PAGE);
+	memset(s->dirty, 0, s->npages);
+	s->ndirty = 0;
+	s->state = DEVMIG_STATE_RUNNING;
+	return 0;
+}
+
+static bool is_session_fd(struct sim *s, int fd)
+{
+	struct stat a, b;
+
+	if (s->sess == SESS_NONE || fstat(fd, &a) < 0 || fstat(s->sess_fd, &b) < 0)
+		return false;
+	return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+static int sim_precopy_info(struct devmig_dev *d, int data_fd, uint64_t *initial, uint64_t *dirty)
+{
+	struct sim *s = d->priv;
+	uint64_t off;
+
+	if (!is_session_fd(s, data_fd))
+		return -ENODEV;
+	if (s->state != DEVMIG_STATE_PRE_COPY && s->state != DEVMIG_STATE_PRE_COPY_P2P)
+		return -EINVAL;
+	workload(s);
+	off = reader_offset(s);
+	/* Everything sent was read: queue what was dirtied since. */
+	if (off >= s->appended && s->ndirty && append_dirty(s) < 0)
+		return -EIO;
+	*initial = s->initial_end > off ? s->initial_end - off : 0;
+	*dirty = s->appended - (off > s->initial_end ? off : s->initial_end) + s->ndirty * REC_LEN;
+	return 0;
+}
+
+static int sim_data_size(struct devmig_dev *d, uint64_t *bytes)
+{
+	struct sim *s = d->priv;
+	uint64_t off;
+
+	workload(s);
+	if (s->sess == SESS_SAVE) {
+		off = reader_offset(s);
+		*bytes = (s->appended > off ? s->appended - off : 0) + s->ndirty * REC_LEN;
+		if (s->state != DEVMIG_STATE_STOP_COPY)
+			*bytes += END_LEN;
+	} else {
+		*bytes = HDR_LEN + s->npages * REC_LEN + END_LEN;
+	}
+	return 0;
+}
+
+static ssize_t sim_data_read(struct devmig_dev *d, int data_fd, void *buf, size_t len)
+{
+	struct sim *s = d->priv;
+	ssize_t n;
+
+	if (!is_session_fd(s, data_fd))
+		return -ENODEV;
+	if (s->sess != SESS_SAVE)
+		return -EINVAL;
+	workload(s);
+	n = read(data_fd, buf, len);
+	return n < 0 ? -errno : n;
+}
+
+static ssize_t sim_data_write(struct devmig_dev *d, int data_fd, const void *buf, size_t len)
+{
+	struct sim *s = d->priv;
+	uint64_t off;
+	ssize_t n;
+
+	if (!is_session_fd(s, data_fd))
+		return -ENODEV;
+	if (s->sess != SESS_RESUME)
+		return -EINVAL;
+	off = reader_offset(s);
+	if (s->write_fault && off + len > s->write_fault_at) {
+		if (off >= s->write_fault_at)
+			return -s->write_fault_err;
+		len = (size_t)(s->write_fault_at - off); /* accept what comes before */
+	}
+	n = write(data_fd, buf, len);
+	if (n < 0)
+		return -errno;
+	/* Like mtty, check the header as soon as it is complete. */
+	if (!s->hdr_checked && off + (uint64_t)n >= HDR_LEN) {
+		uint8_t h[HDR_LEN];
+
+		s->hdr_checked = true;
+		if (pread(s->sess_fd, h, HDR_LEN, 0) != HDR_LEN || check_header(h, s->npages) < 0)
+			return -EFAULT;
+	}
+	return n;
+}
+
+static void sim_destroy(struct devmig_dev *d)
+{
+	struct sim *s = d->priv;
+
+	end_session(s);
+	free(s->mem);
+	free(s->dirty);
+	free(s);
+}
+
+static const struct devmig_dev_ops sim_ops = {
+	.kind = "sim",
+	.mig_flags = sim_mig_flags,
+	.get_state = sim_get_state,
+	.set_state = sim_set_state,
+	.reset = sim_reset,
+	.precopy_info = sim_precopy_info,
+	.data_size = sim_data_size,
+	.data_read = sim_data_read,
+	.data_write = sim_data_write,
+	.destroy = sim_destroy,
+};
+
+int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev **out)
+{
+	static const struct devmig_sim_config defaults = { 0 };
+	struct devmig_dev_desc desc = { .vendor_id = 0x1b36, .device_id = 0x0001, .driver = "devmig-sim" };
+	struct sim *s;
+	uint64_t size;
+	int r;
+
+	if (!cfg)
+		cfg = &defaults;
+	/* 1 MiB by default: 256 pages, big enough for multi-round PRE_COPY,
+	 * small enough for thousands of test runs. */
+	size = cfg->mem_size ? cfg->mem_size : (1u << 20);
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->npages = (size + PAGE - 1) / PAGE;
+	if (s->npages > MAX_PAGES) {
+		free(s);
+		return -EINVAL;
+	}
+	s->flags = cfg->flags ? cfg->flags : (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY);
+	s->dirty_per_mib = cfg->dirty_pages_per_mib;
+	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* xorshift needs non-zero */
+	s->state = DEVMIG_STATE_RUNNING;
+	s->sess_fd = -1;
+	s->mem = malloc(s->npages * PAGE);
+	s->dirty = calloc(s->npages, 1);
+	if (!s->mem || !s->dirty) {
+		free(s->mem);
+		free(s->dirty);
+		free(s);
+		return -ENOMEM;
+	}
+	/* Memory starts with a seed-derived pattern, so two devices with
+	 * different seeds never hold the same state by accident. */
+	for (uint64_t i = 0; i < s->npages * PAGE / 8; i++) {
+		uint64_t v = rng_next(s);
+
+		memcpy(s->mem + i * 8, &v, 8);
+	}
+	if (cfg->desc.driver[0] || cfg->desc.vendor_id || cfg->desc.device_id)
+		desc = cfg->desc;
+	r = devmig_dev_init(&sim_ops, s, -1, &desc, out);
+	if (r < 0)
+		sim_destroy(&(struct devmig_dev){ .priv = s });
+	return r;
+}
+
+int devmig_sim_fail_arc(struct devmig_dev *d, uint32_t from, uint32_t to, int err, int end_in_error)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	if (from >= DEVMIG_STATE_COUNT || to >= DEVMIG_STATE_COUNT || err <= 0)
+		return -EINVAL;
+	s->arc_fault = true;
+	s->fault_from = from;
+	s->fault_to = to;
+	s->fault_err = err;
+	s->fault_to_error = end_in_error;
+	return 0;
+}
+
+int devmig_sim_fail_write(struct devmig_dev *d, uint64_t offset, int err)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	if (err <= 0)
+		return -EINVAL;
+	s->write_fault = true;
+	s->write_fault_at = offset;
+	s->write_fault_err = err;
+	return 0;
+}
+
+int devmig_sim_corrupt(struct devmig_dev *d, uint64_t offset)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	s->corrupt = true;
+	s->corrupt_at = offset;
+	return 0;
+}
+
+int devmig_sim_clear_faults(struct devmig_dev *d)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	s->arc_fault = s->write_fault = s->corrupt = false;
+	return 0;
+}
+
+int devmig_sim_touch(struct devmig_dev *d, uint64_t page)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	if (page >= s->npages)
+		return -EINVAL;
+	if (!running(s->state))
+		return -EBUSY; /* a stopped device changes nothing */
+	touch(s, page);
+	return 0;
+}
+
+int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	*st = s->st;
+	return 0;
+}
+
+int devmig_sim_mem_digest(struct devmig_dev *d, uint64_t *digest)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	*digest = fnv1a(s->mem, s->npages * PAGE, FNV_BASIS);
+	return 0;
+}
