@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the real control-plane binaries devmig's tests run against
-# (kube-apiserver, etcd, helm) from published Go modules, into a cache keyed
+# (kube-apiserver, etcd, helm, and kubectl for the CLI-facing tests) from published Go modules, into a cache keyed
 # by version and by the hash of the module files, outside the clone.
 #
 #   tests/controlplane/build.sh            build what is missing, print paths
@@ -29,11 +29,13 @@ key() { cat "$here/$1/go.mod" "$here/$1/go.sum" | sha256sum | cut -c1-12; }
 apiserver="$bin/kube-apiserver-$K8S-$(key apiserver)"
 etcd="$bin/etcd-$ETCD-$(key etcd)"
 helm="$bin/helm-$HELM-$(key helm)"
+kubectl="$bin/kubectl-$K8S-$(key apiserver)"
 
 print() {
   echo "KUBE_APISERVER=$apiserver"
   echo "ETCD=$etcd"
   echo "HELM=$helm"
+  echo "KUBECTL=$kubectl"
 }
 if [ "${1:-}" = "--print" ]; then print; exit 0; fi
 
@@ -58,6 +60,7 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   L="$L -X $p.gitCommit=0000000000000000000000000000000000000000 -X $p.buildDate=1970-01-01T00:00:00Z"
 done
 build kube-apiserver "$apiserver" apiserver k8s.io/kubernetes/cmd/kube-apiserver "$L"
+build kubectl "$kubectl" apiserver k8s.io/kubernetes/cmd/kubectl "$L"
 build etcd "$etcd" etcd go.etcd.io/etcd/server/v3 "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD"
 build helm "$helm" helm helm.sh/helm/v4/cmd/helm "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM"
 print

@@ -48,6 +48,7 @@ def test_the_binaries_are_the_versions_the_go_modules_pin(
     )
     assert _gomod_version("etcd", "go.etcd.io/etcd/server/v3").lstrip("v") in versions["etcd"]
     assert versions["helm"].startswith(_gomod_version("helm", "helm.sh/helm/v4"))
+    assert _gomod_version("apiserver", "k8s.io/kubernetes") in versions["kubectl"]
 
 
 def test_the_api_server_reports_its_stamped_version(kube: Any) -> None:

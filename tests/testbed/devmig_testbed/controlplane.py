@@ -66,6 +66,7 @@ class Binaries:
     kube_apiserver: pathlib.Path
     etcd: pathlib.Path
     helm: pathlib.Path
+    kubectl: pathlib.Path
 
     def versions(self) -> dict[str, str]:
         """What each binary says of its own version."""
@@ -78,6 +79,7 @@ class Binaries:
             "kube-apiserver": run(str(self.kube_apiserver), "--version"),
             "etcd": run(str(self.etcd), "--version"),
             "helm": run(str(self.helm), "version", "--short"),
+            "kubectl": run(str(self.kubectl), "version", "--client"),
         }
 
 
@@ -92,6 +94,7 @@ def locate_binaries(build: bool = True) -> Binaries:
         kube_apiserver=pathlib.Path(paths["KUBE_APISERVER"]),
         etcd=pathlib.Path(paths["ETCD"]),
         helm=pathlib.Path(paths["HELM"]),
+        kubectl=pathlib.Path(paths["KUBECTL"]),
     )
     missing = [str(p) for p in dataclasses.astuple(b) if not os.access(p, os.X_OK)]
     if missing:
