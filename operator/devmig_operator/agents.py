@@ -121,12 +121,17 @@ class Agents:
         return a
 
 
+def classify(e: grpc.RpcError) -> AgentUnavailable | AgentRefused:
+    """Sort a gRPC error into retry-later and give-up."""
+    code = e.code()
+    if code in _TRANSIENT:
+        return AgentUnavailable(f"{code.name}: {e.details()}")
+    return AgentRefused(code, e.details() or "")
+
+
 def call(method: Any, request: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-    """One unary call, with errors sorted into retry-later and give-up."""
+    """One unary call, with errors sorted by ``classify``."""
     try:
         return method(request, timeout=timeout)
     except grpc.RpcError as e:
-        code = e.code()
-        if code in _TRANSIENT:
-            raise AgentUnavailable(f"{code.name}: {e.details()}") from e
-        raise AgentRefused(code, e.details() or "") from e
+        raise classify(e) from e

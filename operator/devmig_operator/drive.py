@@ -17,7 +17,14 @@ from devmig_operator import agents as agentsmod
 from devmig_operator import metrics
 from devmig_operator.conditions import Phase, Reason, now, phase_status
 from devmig_operator.context import Context
-from devmig_operator.phases import preparing_target, rollback, validating
+from devmig_operator.phases import (
+    pre_copy,
+    preparing_target,
+    resuming,
+    rollback,
+    stop_and_copy,
+    validating,
+)
 from devmig_operator.results import Done, Failed, Result, Wait
 
 log = logging.getLogger("devmig_operator")
@@ -33,7 +40,14 @@ STEPS: dict[Phase, Step] = {
     Phase.PENDING: lambda ctx, a, k: Done(Phase.VALIDATING),
     Phase.VALIDATING: lambda ctx, a, k: validating.target_claimed(ctx),
     Phase.PREPARING_TARGET: lambda ctx, a, k: preparing_target.targets_resuming(ctx, a, k()),
+    Phase.PRE_COPY: lambda ctx, a, k: pre_copy.converged(ctx, a, k()),
+    Phase.STOP_AND_COPY: lambda ctx, a, k: stop_and_copy.streams_verified(ctx, a, k()),
+    Phase.RESUMING: lambda ctx, a, k: resuming.finished(ctx, a, k()),
 }
+
+
+# Seconds between retries of forward steps after the commit point.
+COMMITTED_RETRY_S = 5.0
 
 
 def _epoch(ts: str) -> float:

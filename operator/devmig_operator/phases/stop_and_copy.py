@@ -1,0 +1,85 @@
+"""StopAndCopy: with the VMM paused, every source device goes through
+RUNNING_P2P (when several take part) to STOP_COPY and streams the rest; the
+step ends when every target has received and verified its stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from devmig.agent.v1alpha1 import agent_pb2
+from devmig_operator import agents as agentsmod
+from devmig_operator.conditions import Phase, Reason
+from devmig_operator.context import Context
+from devmig_operator.phases.preparing_target import state_name
+from devmig_operator.results import Done, Failed, Result, Wait
+from devmig_operator.sessions import agent_for, session_ref
+
+RETRY_S = 3.0
+# Longest the step blocks on one target's WatchSession, seconds. The device
+# is stopped now, so the step waits on the stream's events rather than
+# polling: a poll interval would add straight to the downtime. Past this,
+# the step returns and is called again, which keeps the operator responsive
+# to cancellation and restarts.
+WATCH_S = 30.0
+
+# Delay before watching again when a watch ended with the stream still
+# running (after WATCH_S, or a dropped watch): short, since the next watch
+# blocks on events anyway; non-zero so a watch that ends at once cannot spin.
+STILL_STREAMING_S = 0.1
+
+_FINAL_TARGET = (
+    agent_pb2.SESSION_PHASE_TRANSFERRED,
+    agent_pb2.SESSION_PHASE_SUCCEEDED,
+    agent_pb2.SESSION_PHASE_FAILED,
+    agent_pb2.SESSION_PHASE_ABORTED,
+)
+
+
+def _wait_transferred(stub: Any, ref: Any) -> Any:
+    """Block on the target session's events until it is TRANSFERRED (or
+    failed), at most WATCH_S. Returns its last status."""
+    last = None
+    for msg in stub.WatchSession(agent_pb2.WatchSessionRequest(session=ref), timeout=WATCH_S):
+        last = msg.status
+        if last.phase in _FINAL_TARGET:
+            break
+    return last
+
+
+def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
+    st = ctx.status
+    devices = [dict(d) for d in st.get("devices") or []]
+    refs = [session_ref(ctx, key, i) for i in range(len(devices))]
+    try:
+        src = agent_for(ctx, agents, st["sourceNode"])
+        dst = agent_for(ctx, agents, st["targetNode"])
+        for ref in refs:
+            s = agentsmod.call(
+                src.stub.StopAndCopy, agent_pb2.StopAndCopyRequest(session=ref, vm_sessions=refs)
+            ).status
+        for i, ref in enumerate(refs):
+            try:
+                s = _wait_transferred(dst.stub, ref)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return Wait(
+                        STILL_STREAMING_S,
+                        Reason.STOPPING_AND_COPYING,
+                        "device state still streaming",
+                    )
+                raise agentsmod.classify(e) from e
+            if s is None or s.phase not in _FINAL_TARGET:
+                return Wait(
+                    STILL_STREAMING_S, Reason.STOPPING_AND_COPYING, "device state still streaming"
+                )
+            if s.phase in (agent_pb2.SESSION_PHASE_FAILED, agent_pb2.SESSION_PHASE_ABORTED):
+                return Failed(Reason.AGENT_ERROR, f"target session failed: {s.reason}: {s.message}")
+            devices[i]["targetState"] = state_name(s.device_state)
+            devices[i]["bytesReceived"] = int(s.progress.bytes_received)
+    except agentsmod.AgentUnavailable as e:
+        return Wait(RETRY_S, Reason.AGENT_UNAVAILABLE, str(e))
+    except agentsmod.AgentRefused as e:
+        return Failed(Reason.AGENT_ERROR, str(e))
+    return Done(Phase.RESUMING, {"devices": devices}, "device state received and verified")
