@@ -209,7 +209,8 @@ int devmig_set_state(struct devmig_dev *d, uint32_t to, uint32_t recover_to, int
 	d->state = actual;
 	if (!devmig_state_is_saving(actual) && actual != DEVMIG_STATE_RESUMING)
 		devmig_dev_end_session(d);
-	if (actual == recover_to)
+	/* Only reset leaves ERROR, whatever recovery was asked for. */
+	if (actual == recover_to && actual != DEVMIG_STATE_ERROR)
 		return r;
 	if (request(d, recover_to, " (recovery)", &issued) < 0)
 		devmig_reset(d);

@@ -1,0 +1,109 @@
+/* devmig's stream format around a device's opaque migration data.
+ *
+ *   header  (64 bytes)  "DEVMIGST", version, the source device (vendor,
+ *                       device, driver), the expected size, CRC32C
+ *   frames  (20 + len)  type DATA, payload length, sequence number from 0,
+ *                       CRC32C over the frame header and payload
+ *   trailer (20 + 40)   type TRAILER, next sequence number, total payload
+ *                       bytes and the SHA-256 of all payload, CRC32C
+ *
+ * All integers little-endian. The decoder checks each frame before its
+ * payload is handed on, and the trailer proves nothing was lost, added or
+ * reordered in between. */
+#ifndef DEVMIG_STREAM_H
+#define DEVMIG_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "devmig/devmig.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DEVMIG_STREAM_VERSION 1
+#define DEVMIG_STREAM_HEADER_LEN 64
+#define DEVMIG_STREAM_FRAME_HDR_LEN 20
+#define DEVMIG_STREAM_TRAILER_LEN 40
+/* Largest frame payload: the 1 MiB the data fd is read in (see data.c);
+ * also the bound that keeps a corrupt length from allocating without end. */
+#define DEVMIG_STREAM_MAX_FRAME (1u << 20)
+
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), slicing-by-8.
+ * Pass 0 to start; feed the previous result to continue. */
+uint32_t devmig_crc32c(uint32_t crc, const void *buf, size_t len);
+
+struct devmig_sha256 {
+	uint32_t h[8];
+	uint64_t len; /* bytes hashed */
+	uint8_t buf[64];
+	size_t fill;
+};
+void devmig_sha256_init(struct devmig_sha256 *s);
+void devmig_sha256_update(struct devmig_sha256 *s, const void *buf, size_t len);
+void devmig_sha256_final(struct devmig_sha256 *s, uint8_t out[32]);
+
+/* Byte sink for the encoder: write all of buf or return -errno. */
+typedef int (*devmig_write_fn)(void *ctx, const void *buf, size_t len);
+/* devmig_write_fn over a file descriptor; ctx is a pointer to the int fd. */
+int devmig_fd_write_all(void *ctx, const void *buf, size_t len);
+
+struct devmig_stream_enc {
+	devmig_write_fn out;
+	void *ctx;
+	uint64_t seq;
+	uint64_t total;
+	struct devmig_sha256 sha;
+	int done;
+};
+int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+			    uint64_t expected_size, devmig_write_fn out, void *ctx);
+/* Frame buf (split at DEVMIG_STREAM_MAX_FRAME). */
+int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t len);
+int devmig_stream_enc_finish(struct devmig_stream_enc *e);
+
+/* Verified payload goes here, in order; returns 0 or -errno. */
+typedef int (*devmig_payload_fn)(void *ctx, const void *buf, size_t len);
+
+struct devmig_stream_dec;
+/* The decoder refuses a stream from a device unlike `want` (NULL: any). */
+int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn fn, void *ctx,
+			  struct devmig_stream_dec **out);
+void devmig_stream_dec_free(struct devmig_stream_dec *dec);
+/* Feed any number of bytes. Errors stick: once refused, every later call
+ * returns the same -errno.
+ *   -EPROTO           not a devmig stream (magic)
+ *   -EPROTONOSUPPORT  a format version this build does not read
+ *   -EXDEV            from a different kind of device
+ *   -EBADMSG          a corrupted header, frame or trailer; bytes after
+ *                     the trailer; a trailer whose length or digest does
+ *                     not match the payload
+ *   -EILSEQ           a frame out of sequence (reordered, replayed, lost)
+ * or the payload callback's own -errno. */
+int devmig_stream_dec_feed(struct devmig_stream_dec *dec, const void *buf, size_t len);
+/* The input ended: 0 when the trailer verified, -ENODATA when the stream
+ * was cut short, or the earlier error. */
+int devmig_stream_dec_finish(struct devmig_stream_dec *dec);
+/* Why the decoder refused, for logs ("" while it has not). */
+const char *devmig_stream_dec_why(const struct devmig_stream_dec *dec);
+/* The header's fields, once read. */
+int devmig_stream_dec_header(const struct devmig_stream_dec *dec, struct devmig_dev_desc *desc,
+			     uint64_t *expected_size);
+uint64_t devmig_stream_dec_payload_bytes(const struct devmig_stream_dec *dec);
+
+/* Source: write the device's data into a stream on out_fd. From PRE_COPY
+ * (or PRE_COPY_P2P) it sends the data available now, moves the device to
+ * STOP_COPY and sends the rest; from STOP_COPY just the rest. The device
+ * is left in STOP_COPY (the caller stops it once the target committed).
+ * Returns the payload bytes sent or -errno. */
+long devmig_stream_save(struct devmig_dev *d, int out_fd);
+/* Target: read a stream from in_fd into a RESUMING device. The device
+ * leaves RESUMING (for STOP) only when the whole stream verified; on any
+ * failure it is poisoned and reset, and the error returned. */
+int devmig_stream_load(struct devmig_dev *d, int in_fd);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,449 @@
+/* The devmig stream (include/devmig/stream.h): encoder, incremental
+ * decoder, and the save/load paths between a device and a file or socket. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "devmig/stream.h"
+#include "internal.h"
+
+static const uint8_t MAGIC[8] = { 'D', 'E', 'V', 'M', 'I', 'G', 'S', 'T' };
+#define TYPE_DATA 1u
+#define TYPE_TRAILER 2u
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint16_t get16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+static uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t get64(const uint8_t *p)
+{
+	return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+/* Header layout: magic 0..8, version 8..10, header length 10..12,
+ * vendor 12..14, device 14..16, driver 16..48, expected size 48..56,
+ * reserved 56..60, CRC32C of bytes 0..60 at 60..64. */
+#define H_CRC 60
+
+int devmig_fd_write_all(void *ctx, const void *buf, size_t len)
+{
+	int fd = *(int *)ctx;
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = write(fd, p, len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+			    uint64_t expected_size, devmig_write_fn out, void *ctx)
+{
+	uint8_t h[DEVMIG_STREAM_HEADER_LEN] = { 0 };
+
+	memset(e, 0, sizeof(*e));
+	e->out = out;
+	e->ctx = ctx;
+	devmig_sha256_init(&e->sha);
+	memcpy(h, MAGIC, 8);
+	put16(h + 8, DEVMIG_STREAM_VERSION);
+	put16(h + 10, DEVMIG_STREAM_HEADER_LEN);
+	put16(h + 12, desc->vendor_id);
+	put16(h + 14, desc->device_id);
+	memcpy(h + 16, desc->driver, strnlen(desc->driver, sizeof(desc->driver) - 1));
+	put64(h + 48, expected_size);
+	put32(h + H_CRC, devmig_crc32c(0, h, H_CRC));
+	return out(ctx, h, sizeof(h));
+}
+
+static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *buf, size_t len)
+{
+	uint8_t fh[DEVMIG_STREAM_FRAME_HDR_LEN];
+	uint32_t crc;
+	int r;
+
+	put32(fh, type);
+	put32(fh + 4, (uint32_t)len);
+	put64(fh + 8, e->seq);
+	crc = devmig_crc32c(0, fh, 16);
+	put32(fh + 16, devmig_crc32c(crc, buf, len));
+	r = e->out(e->ctx, fh, sizeof(fh));
+	if (r == 0 && len)
+		r = e->out(e->ctx, buf, len);
+	if (r == 0)
+		e->seq++;
+	return r;
+}
+
+int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+
+	if (e->done)
+		return -EINVAL;
+	while (len) {
+		size_t n = len < DEVMIG_STREAM_MAX_FRAME ? len : DEVMIG_STREAM_MAX_FRAME;
+		int r = emit_frame(e, TYPE_DATA, p, n);
+
+		if (r < 0)
+			return r;
+		devmig_sha256_update(&e->sha, p, n);
+		e->total += n;
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+int devmig_stream_enc_finish(struct devmig_stream_enc *e)
+{
+	uint8_t t[DEVMIG_STREAM_TRAILER_LEN];
+
+	if (e->done)
+		return -EINVAL;
+	put64(t, e->total);
+	devmig_sha256_final(&e->sha, t + 8);
+	e->done = 1;
+	return emit_frame(e, TYPE_TRAILER, t, sizeof(t));
+}
+
+/* ---- decoder ---- */
+
+enum dec_state { D_HEADER, D_FRAME_HDR, D_PAYLOAD, D_DONE, D_FAILED };
+
+struct devmig_stream_dec {
+	enum dec_state st;
+	bool check_dev;
+	struct devmig_dev_desc want, got;
+	uint64_t expected_size;
+	devmig_payload_fn fn;
+	void *ctx;
+	uint8_t hdr[DEVMIG_STREAM_HEADER_LEN]; /* header, then frame headers */
+	size_t have;                            /* bytes in hdr or payload */
+	uint32_t type, len;
+	uint64_t seq; /* the sequence number the next frame must carry */
+	uint8_t *payload; /* DEVMIG_STREAM_MAX_FRAME bytes */
+	uint64_t total;
+	struct devmig_sha256 sha;
+	int err;
+	const char *why;
+};
+
+int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn fn, void *ctx,
+			  struct devmig_stream_dec **out)
+{
+	struct devmig_stream_dec *d = calloc(1, sizeof(*d));
+
+	if (!d)
+		return -ENOMEM;
+	d->payload = malloc(DEVMIG_STREAM_MAX_FRAME);
+	if (!d->payload) {
+		free(d);
+		return -ENOMEM;
+	}
+	if (want) {
+		d->check_dev = true;
+		d->want = *want;
+	}
+	d->fn = fn;
+	d->ctx = ctx;
+	d->why = "";
+	devmig_sha256_init(&d->sha);
+	*out = d;
+	return 0;
+}
+
+void devmig_stream_dec_free(struct devmig_stream_dec *dec)
+{
+	if (!dec)
+		return;
+	free(dec->payload);
+	free(dec);
+}
+
+static int fail(struct devmig_stream_dec *d, int err, const char *why)
+{
+	d->st = D_FAILED;
+	d->err = err;
+	d->why = why;
+	return err;
+}
+
+static int header_done(struct devmig_stream_dec *d)
+{
+	const uint8_t *h = d->hdr;
+
+	if (memcmp(h, MAGIC, 8) != 0)
+		return fail(d, -EPROTO, "not a devmig stream (bad magic)");
+	if (get32(h + H_CRC) != devmig_crc32c(0, h, H_CRC))
+		return fail(d, -EBADMSG, "header checksum mismatch");
+	if (get16(h + 8) != DEVMIG_STREAM_VERSION || get16(h + 10) != DEVMIG_STREAM_HEADER_LEN)
+		return fail(d, -EPROTONOSUPPORT, "unsupported stream format version");
+	memset(&d->got, 0, sizeof(d->got));
+	d->got.vendor_id = get16(h + 12);
+	d->got.device_id = get16(h + 14);
+	memcpy(d->got.driver, h + 16, sizeof(d->got.driver) - 1);
+	d->expected_size = get64(h + 48);
+	if (d->check_dev &&
+	    (d->got.vendor_id != d->want.vendor_id || d->got.device_id != d->want.device_id ||
+	     strncmp(d->got.driver, d->want.driver, sizeof(d->got.driver)) != 0))
+		return fail(d, -EXDEV, "stream is from a different kind of device");
+	d->st = D_FRAME_HDR;
+	d->have = 0;
+	return 0;
+}
+
+static int frame_hdr_done(struct devmig_stream_dec *d)
+{
+	d->type = get32(d->hdr);
+	d->len = get32(d->hdr + 4);
+	if ((d->type != TYPE_DATA && d->type != TYPE_TRAILER) || d->len > DEVMIG_STREAM_MAX_FRAME ||
+	    (d->type == TYPE_TRAILER && d->len != DEVMIG_STREAM_TRAILER_LEN))
+		return fail(d, -EBADMSG, "corrupted frame header");
+	d->st = D_PAYLOAD;
+	d->have = 0;
+	return 0;
+}
+
+static int frame_done(struct devmig_stream_dec *d)
+{
+	uint32_t crc = devmig_crc32c(devmig_crc32c(0, d->hdr, 16), d->payload, d->len);
+	uint8_t digest[32];
+	int r;
+
+	/* The checksum first: a frame that fails it says nothing reliable,
+	 * its sequence number included. */
+	if (crc != get32(d->hdr + 16))
+		return fail(d, -EBADMSG, "frame checksum mismatch");
+	if (get64(d->hdr + 8) != d->seq)
+		return fail(d, -EILSEQ, "frame out of sequence (reordered, replayed or lost)");
+	d->seq++;
+	if (d->type == TYPE_TRAILER) {
+		devmig_sha256_final(&d->sha, digest);
+		if (get64(d->payload) != d->total)
+			return fail(d, -EBADMSG, "trailer length does not match the payload");
+		if (memcmp(d->payload + 8, digest, 32) != 0)
+			return fail(d, -EBADMSG, "trailer digest does not match the payload");
+		d->st = D_DONE;
+		return 0;
+	}
+	devmig_sha256_update(&d->sha, d->payload, d->len);
+	d->total += d->len;
+	if (d->fn && d->len) {
+		r = d->fn(d->ctx, d->payload, d->len);
+		if (r < 0)
+			return fail(d, r, "the device refused the payload");
+	}
+	d->st = D_FRAME_HDR;
+	d->have = 0;
+	return 0;
+}
+
+int devmig_stream_dec_feed(struct devmig_stream_dec *d, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	int r = 0;
+
+	if (d->st == D_FAILED)
+		return d->err;
+	while (len && r == 0) {
+		size_t need, n;
+		uint8_t *dst;
+
+		switch (d->st) {
+		case D_HEADER:
+			need = DEVMIG_STREAM_HEADER_LEN;
+			dst = d->hdr;
+			break;
+		case D_FRAME_HDR:
+			need = DEVMIG_STREAM_FRAME_HDR_LEN;
+			dst = d->hdr;
+			break;
+		case D_PAYLOAD:
+			need = d->len;
+			dst = d->payload;
+			break;
+		default:
+			return fail(d, -EBADMSG, "data after the trailer");
+		}
+		n = need - d->have < len ? need - d->have : len;
+		memcpy(dst + d->have, p, n);
+		d->have += n;
+		p += n;
+		len -= n;
+		if (d->have < need)
+			break;
+		if (d->st == D_HEADER)
+			r = header_done(d);
+		else if (d->st == D_FRAME_HDR)
+			r = frame_hdr_done(d);
+		else
+			r = frame_done(d);
+	}
+	/* A zero-length frame completes without any byte of its own. */
+	while (r == 0 && d->st == D_PAYLOAD && d->len == 0)
+		r = frame_done(d);
+	return r;
+}
+
+int devmig_stream_dec_finish(struct devmig_stream_dec *d)
+{
+	if (d->st == D_FAILED)
+		return d->err;
+	if (d->st != D_DONE)
+		return fail(d, -ENODATA, "stream ended before its trailer (truncated)");
+	return 0;
+}
+
+const char *devmig_stream_dec_why(const struct devmig_stream_dec *d)
+{
+	return d->why;
+}
+
+int devmig_stream_dec_header(const struct devmig_stream_dec *d, struct devmig_dev_desc *desc,
+			     uint64_t *expected_size)
+{
+	if (d->st == D_HEADER || (d->st == D_FAILED && !d->got.driver[0] && !d->got.vendor_id))
+		return -ENODATA;
+	if (desc)
+		*desc = d->got;
+	if (expected_size)
+		*expected_size = d->expected_size;
+	return 0;
+}
+
+uint64_t devmig_stream_dec_payload_bytes(const struct devmig_stream_dec *d)
+{
+	return d->total;
+}
+
+/* ---- device <-> stream ---- */
+
+static int enc_sink(void *ctx, const void *buf, size_t len)
+{
+	return devmig_stream_enc_data(ctx, buf, len);
+}
+
+long devmig_stream_save(struct devmig_dev *d, int out_fd)
+{
+	struct devmig_stream_enc e;
+	uint64_t expected = 0;
+	int r;
+
+	if (!devmig_state_is_saving(d->state) || d->data_fd < 0)
+		return -EINVAL;
+	/* The header carries the estimate, so a receiver can size its work;
+	 * devices without MIG_DATA_SIZE (before 6.2) leave it 0: unknown. */
+	if (devmig_data_size(d, &expected) < 0)
+		expected = 0;
+	r = devmig_stream_enc_begin(&e, &d->desc, expected, devmig_fd_write_all, &out_fd);
+	if (r < 0)
+		return r;
+	if (d->state != DEVMIG_STATE_STOP_COPY) {
+		r = devmig_data_drain(d, enc_sink, &e, NULL);
+		if (r < 0)
+			return r;
+		/* PRE_COPY's temporary end: the rest comes from STOP_COPY. */
+		r = devmig_set_state(d, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL);
+		if (r < 0)
+			return r;
+	}
+	r = devmig_data_drain(d, enc_sink, &e, NULL);
+	if (r < 0)
+		return r;
+	if (r != 1)
+		return -EPROTO; /* a temporary end in STOP_COPY: not a valid device */
+	r = devmig_stream_enc_finish(&e);
+	return r < 0 ? r : (long)e.total;
+}
+
+static int dev_sink(void *ctx, const void *buf, size_t len)
+{
+	long n = devmig_data_write(ctx, buf, len);
+
+	return n < 0 ? (int)n : 0;
+}
+
+int devmig_stream_load(struct devmig_dev *d, int in_fd)
+{
+	struct devmig_stream_dec *dec;
+	/* 64 KiB reads: a socket delivers at most its buffer per read anyway,
+	 * and frames are reassembled by the decoder whatever the split. */
+	uint8_t *buf;
+	int r;
+
+	if (d->state != DEVMIG_STATE_RESUMING || d->data_fd < 0 || d->poisoned)
+		return -EINVAL;
+	buf = malloc(1u << 16);
+	if (!buf)
+		return -ENOMEM;
+	r = devmig_stream_dec_new(&d->desc, dev_sink, d, &dec);
+	if (r < 0) {
+		free(buf);
+		return r;
+	}
+	for (;;) {
+		ssize_t n = read(in_fd, buf, 1u << 16);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			r = -errno;
+			break;
+		}
+		if (n == 0) {
+			r = devmig_stream_dec_finish(dec);
+			break;
+		}
+		r = devmig_stream_dec_feed(dec, buf, (size_t)n);
+		if (r < 0)
+			break;
+	}
+	free(buf);
+	if (r < 0) {
+		devmig_logf(d, "stream refused: %s (%s); resetting the device", devmig_stream_dec_why(dec),
+			    strerror(-r));
+		devmig_stream_dec_free(dec);
+		/* Part of the stream may already be in the device: it must
+		 * never run on it. Poison first, so even a failed reset leaves
+		 * a device the setter will not start. */
+		devmig_dev_poison(d);
+		devmig_reset(d);
+		return r;
+	}
+	devmig_stream_dec_free(dec);
+	/* Verified end to end: the driver checks it too on RESUMING -> STOP,
+	 * and a refusal there resets the device (no recovery from RESUMING
+	 * keeps bad data). */
+	return devmig_set_state(d, DEVMIG_STATE_STOP, DEVMIG_STATE_ERROR, NULL);
+}

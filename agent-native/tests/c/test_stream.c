@@ -1,0 +1,355 @@
+/* The devmig stream: round trips, every refusal the decoder promises, and
+ * the device paths: a target never leaves RESUMING on a stream that did not
+ * verify, and is reset instead. */
+#include <errno.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "devmig/devmig.h"
+#include "devmig/sim.h"
+#include "devmig/stream.h"
+
+struct mem {
+	uint8_t *b;
+	size_t len, cap;
+};
+static int mem_write(void *ctx, const void *buf, size_t len)
+{
+	struct mem *m = ctx;
+
+	if (m->len + len > m->cap) {
+		m->cap = (m->len + len) * 2;
+		m->b = realloc(m->b, m->cap);
+	}
+	memcpy(m->b + m->len, buf, len);
+	m->len += len;
+	return 0;
+}
+
+static const struct devmig_dev_desc DESC = { 0x10de, 0x2331, "nvidia-vfio" };
+
+/* A stream of `nframes` frames of `fsz` bytes each. */
+static struct mem make_stream(const struct devmig_dev_desc *desc, int nframes, size_t fsz)
+{
+	struct devmig_stream_enc e;
+	struct mem m = { 0 };
+	uint8_t *p = malloc(fsz);
+
+	for (size_t i = 0; i < fsz; i++)
+		p[i] = (uint8_t)(i * 31 + 7);
+	CHECK(devmig_stream_enc_begin(&e, desc, (uint64_t)nframes * fsz, mem_write, &m) == 0);
+	for (int f = 0; f < nframes; f++) {
+		p[0] = (uint8_t)f;
+		CHECK(devmig_stream_enc_data(&e, p, fsz) == 0);
+	}
+	CHECK(devmig_stream_enc_finish(&e) == 0);
+	CHECK(devmig_stream_enc_data(&e, p, 1) == -EINVAL);
+	free(p);
+	return m;
+}
+
+/* Decode buf in pieces of `step` bytes; the error, or 0 if it verified. */
+static int decode(const uint8_t *buf, size_t len, size_t step, struct mem *out, const char **why)
+{
+	struct devmig_stream_dec *d;
+	int r = 0;
+
+	CHECK(devmig_stream_dec_new(&DESC, out ? mem_write : NULL, out, &d) == 0);
+	for (size_t off = 0; off < len && r == 0; off += step)
+		r = devmig_stream_dec_feed(d, buf + off, len - off < step ? len - off : step);
+	if (r == 0)
+		r = devmig_stream_dec_finish(d);
+	if (why)
+		*why = devmig_stream_dec_why(d);
+	devmig_stream_dec_free(d);
+	return r;
+}
+
+#define FRAME(i, fsz) (DEVMIG_STREAM_HEADER_LEN + (size_t)(i) * (DEVMIG_STREAM_FRAME_HDR_LEN + (fsz)))
+
+/* Rewrite the header CRC after editing the header (to reach the checks
+ * behind it). */
+static void fix_header(uint8_t *b)
+{
+	uint32_t c = devmig_crc32c(0, b, 60);
+
+	memcpy(b + 60, &c, 4);
+}
+
+static void test_decoder(void)
+{
+	struct mem s = make_stream(&DESC, 5, 1000), out = { 0 };
+	const char *why;
+	uint8_t *b = malloc(s.len + 2000);
+
+	CHECK(s.len == 64 + 5 * 1020 + 60);
+	/* Any split verifies and yields the payload. */
+	for (size_t step = 1; step < s.len + 1; step = step * 3 + 1) {
+		out.len = 0;
+		CHECK(decode(s.b, s.len, step, &out, NULL) == 0);
+		CHECK(out.len == 5000 && out.b[1000] == 1 && out.b[4001] == (uint8_t)(1 * 31 + 7));
+	}
+	free(out.b);
+
+	memcpy(b, s.b, s.len);
+	b[0] = 'X';
+	CHECK(decode(b, s.len, 4096, NULL, &why) == -EPROTO);
+	memcpy(b, s.b, s.len);
+	b[8] = 2;
+	fix_header(b);
+	CHECK(decode(b, s.len, 4096, NULL, NULL) == -EPROTONOSUPPORT);
+	memcpy(b, s.b, s.len);
+	b[8] = 2; /* without fixing: a corrupted header */
+	CHECK(decode(b, s.len, 4096, NULL, NULL) == -EBADMSG);
+
+	/* A different device. */
+	struct devmig_dev_desc other = DESC;
+	other.device_id++;
+	struct mem o = make_stream(&other, 1, 10);
+	CHECK(decode(o.b, o.len, 4096, NULL, &why) == -EXDEV);
+	CHECK(strstr(why, "different kind of device") != NULL);
+	free(o.b);
+	strcpy(other.driver, "nvidia-vfiox");
+	other.device_id--;
+	o = make_stream(&other, 1, 10);
+	CHECK(decode(o.b, o.len, 4096, NULL, NULL) == -EXDEV);
+	free(o.b);
+
+	/* Every single flipped byte anywhere is refused. */
+	for (size_t i = 0; i < s.len; i++) {
+		memcpy(b, s.b, s.len);
+		b[i] ^= 0x10;
+		int r = decode(b, s.len, 777, NULL, NULL);
+
+		CHECK(r < 0);
+		if (r == 0)
+			fprintf(stderr, "flip at %zu accepted\n", i);
+	}
+
+	/* Truncated anywhere: -ENODATA at the end of input. */
+	for (size_t cut = 0; cut < s.len; cut += 37)
+		CHECK(decode(s.b, cut, 100, NULL, NULL) == -ENODATA);
+	CHECK(decode(s.b, s.len - 1, 100, NULL, &why) == -ENODATA);
+	CHECK(strstr(why, "truncated") != NULL);
+
+	/* Frames 1 and 2 swapped: -EILSEQ. */
+	memcpy(b, s.b, s.len);
+	memcpy(b + FRAME(1, 1000), s.b + FRAME(2, 1000), 1020);
+	memcpy(b + FRAME(2, 1000), s.b + FRAME(1, 1000), 1020);
+	CHECK(decode(b, s.len, 500, NULL, &why) == -EILSEQ);
+	CHECK(strstr(why, "sequence") != NULL);
+	/* Frame 1 replayed after itself. */
+	memcpy(b, s.b, FRAME(2, 1000));
+	memcpy(b + FRAME(2, 1000), s.b + FRAME(1, 1000), s.len - FRAME(1, 1000));
+	CHECK(decode(b, s.len + 1020, 500, NULL, NULL) == -EILSEQ);
+	/* Frame 3 lost. */
+	memcpy(b, s.b, FRAME(3, 1000));
+	memcpy(b + FRAME(3, 1000), s.b + FRAME(4, 1000), s.len - FRAME(4, 1000));
+	CHECK(decode(b, s.len - 1020, 500, NULL, NULL) == -EILSEQ);
+
+	/* Bytes after the trailer. */
+	memcpy(b, s.b, s.len);
+	b[s.len] = 0;
+	CHECK(decode(b, s.len + 1, 500, NULL, &why) == -EBADMSG);
+	CHECK(strstr(why, "after the trailer") != NULL);
+
+	/* A trailer whose digest or length lies, with a valid frame CRC. */
+	for (int field = 0; field < 2; field++) {
+		size_t t = FRAME(5, 1000);
+		uint32_t c;
+
+		memcpy(b, s.b, s.len);
+		b[t + 20 + (field ? 8 : 0)] ^= 1;
+		c = devmig_crc32c(devmig_crc32c(0, b + t, 16), b + t + 20, 40);
+		memcpy(b + t + 16, &c, 4);
+		CHECK(decode(b, s.len, 500, NULL, &why) == -EBADMSG);
+		CHECK(strstr(why, field ? "digest" : "length") != NULL);
+	}
+
+	/* Errors stick. */
+	struct devmig_stream_dec *d;
+	CHECK(devmig_stream_dec_new(NULL, NULL, NULL, &d) == 0);
+	CHECK(devmig_stream_dec_feed(d, "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", 64) == -EPROTO);
+	CHECK(devmig_stream_dec_feed(d, s.b, s.len) == -EPROTO);
+	CHECK(devmig_stream_dec_finish(d) == -EPROTO);
+	devmig_stream_dec_free(d);
+	/* Without a wanted device, any device's stream decodes. */
+	CHECK(devmig_stream_dec_new(NULL, NULL, NULL, &d) == 0);
+	CHECK(devmig_stream_dec_feed(d, s.b, s.len) == 0 && devmig_stream_dec_finish(d) == 0);
+	struct devmig_dev_desc got;
+	uint64_t exp;
+	CHECK(devmig_stream_dec_header(d, &got, &exp) == 0 && exp == 5000 && got.device_id == 0x2331);
+	CHECK(devmig_stream_dec_payload_bytes(d) == 5000);
+	devmig_stream_dec_free(d);
+	free(b);
+	free(s.b);
+}
+
+/* ---- device paths ---- */
+
+static struct devmig_dev *sim(uint64_t seed, uint32_t rate)
+{
+	struct devmig_sim_config cfg = { .mem_size = 64 * 1024, .seed = seed, .dirty_pages_per_mib = rate };
+	struct devmig_dev *d = NULL;
+
+	CHECK(devmig_dev_open_sim(&cfg, &d) == 0);
+	devmig_dev_set_log(d, NULL, NULL);
+	return d;
+}
+static uint64_t digest(struct devmig_dev *d)
+{
+	uint64_t v = 0;
+
+	devmig_sim_mem_digest(d, &v);
+	return v;
+}
+static struct devmig_sim_stats stats(struct devmig_dev *d)
+{
+	struct devmig_sim_stats st;
+
+	devmig_sim_stats(d, &st);
+	return st;
+}
+
+static void quiet(void *ctx, const char *line)
+{
+	(void)ctx;
+	(void)line;
+}
+
+/* Save src (from `from` state) into a memfd; returns the fd at offset 0. */
+static int save(struct devmig_dev *src, uint32_t from)
+{
+	int fd = memfd_create("stream", MFD_CLOEXEC);
+
+	CHECK(devmig_set_state(src, from, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_stream_save(src, fd) > 0);
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_STOP_COPY);
+	lseek(fd, 0, SEEK_SET);
+	return fd;
+}
+
+/* Load `fd` into a fresh target; returns the result. */
+static int load(struct devmig_dev *dst, int fd)
+{
+	CHECK(devmig_set_state(dst, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, NULL) == 0);
+	return devmig_stream_load(dst, fd);
+}
+
+static void expect_refused(struct devmig_dev *dst, int r, int want, uint64_t resets_before)
+{
+	uint32_t s;
+
+	CHECK(r == want);
+	if (r != want)
+		fprintf(stderr, "got %d want %d\n", r, want);
+	/* Reset, not RUNNING on the data, not poisoned any more. */
+	CHECK(stats(dst).reset_calls == resets_before + 1);
+	CHECK(stats(dst).loads == 0);
+	CHECK(devmig_get_state(dst, &s) == 0 && s == DEVMIG_STATE_RUNNING);
+	CHECK(!devmig_dev_poisoned(dst));
+	CHECK(devmig_data_fd(dst) == -1);
+}
+
+static void test_device_paths(void)
+{
+	struct devmig_dev *src = sim(1, 64), *dst = sim(2, 0);
+	uint64_t want;
+	int fd;
+
+	devmig_dev_set_log(src, quiet, NULL);
+	devmig_dev_set_log(dst, quiet, NULL);
+	/* From PRE_COPY: initial data, then STOP_COPY, in one stream. */
+	fd = save(src, DEVMIG_STATE_PRE_COPY);
+	want = digest(src);
+	CHECK(load(dst, fd) == 0);
+	CHECK(devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	CHECK(devmig_set_state(dst, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL) == 0);
+	CHECK(digest(dst) == want && stats(dst).loads == 1);
+	close(fd);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+	devmig_dev_close(dst);
+
+	/* Each damaged stream: refused, target reset, never started. */
+	static const struct {
+		off_t at;
+		int want;
+	} damage[] = {
+		{ 0, -EPROTO },       /* magic */
+		{ 20, -EBADMSG },     /* header (driver name) */
+		{ 64 + 3, -EBADMSG }, /* frame header */
+		{ 5000, -EBADMSG },   /* payload */
+		{ -10, -EBADMSG },    /* trailer */
+	};
+	for (size_t i = 0; i < sizeof(damage) / sizeof(damage[0]); i++) {
+		uint8_t byte;
+
+		dst = sim(2, 0);
+		devmig_dev_set_log(dst, quiet, NULL);
+		fd = save(src, DEVMIG_STATE_STOP_COPY);
+		off_t end = lseek(fd, 0, SEEK_END);
+		off_t at = damage[i].at < 0 ? end + damage[i].at : damage[i].at;
+		CHECK(pread(fd, &byte, 1, at) == 1);
+		byte ^= 0x01;
+		CHECK(pwrite(fd, &byte, 1, at) == 1);
+		lseek(fd, 0, SEEK_SET);
+		expect_refused(dst, load(dst, fd), damage[i].want, 0);
+		close(fd);
+		CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+		devmig_dev_close(dst);
+	}
+
+	/* Truncated: the payload so far was written, yet the device is reset. */
+	dst = sim(2, 0);
+	devmig_dev_set_log(dst, quiet, NULL);
+	fd = save(src, DEVMIG_STATE_STOP_COPY);
+	CHECK(ftruncate(fd, lseek(fd, 0, SEEK_END) - 60) == 0); /* the trailer */
+	lseek(fd, 0, SEEK_SET);
+	expect_refused(dst, load(dst, fd), -ENODATA, 0);
+	close(fd);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+
+	/* The stream of another kind of device. */
+	struct devmig_sim_config other = { .mem_size = 64 * 1024, .desc = { 0x1b36, 0x0002, "devmig-sim" } };
+	struct devmig_dev *odst;
+	CHECK(devmig_dev_open_sim(&other, &odst) == 0);
+	devmig_dev_set_log(odst, quiet, NULL);
+	fd = save(src, DEVMIG_STATE_STOP_COPY);
+	expect_refused(odst, load(odst, fd), -EXDEV, 0);
+	close(fd);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+	devmig_dev_close(odst);
+
+	/* The target refuses a write midway: reset. */
+	CHECK(devmig_sim_fail_write(dst, 10000, EIO) == 0);
+	fd = save(src, DEVMIG_STATE_STOP_COPY);
+	expect_refused(dst, load(dst, fd), -EIO, 1);
+	close(fd);
+	devmig_sim_clear_faults(dst);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+
+	/* The source device corrupts its own data: the stream verifies (it
+	 * carries what the device gave), the target driver refuses it on
+	 * RESUMING -> STOP, and the device is reset. */
+	CHECK(devmig_sim_corrupt(src, 9000) == 0);
+	fd = save(src, DEVMIG_STATE_STOP_COPY);
+	expect_refused(dst, load(dst, fd), -EIO, 2);
+	close(fd);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+
+	/* Not RESUMING: nothing is read. */
+	fd = memfd_create("empty", MFD_CLOEXEC);
+	CHECK(devmig_stream_load(dst, fd) == -EINVAL);
+	CHECK(devmig_stream_save(dst, fd) == -EINVAL);
+	close(fd);
+	devmig_dev_close(dst);
+	devmig_dev_close(src);
+}
+
+int main(void)
+{
+	test_decoder();
+	test_device_paths();
+	CHECK_DONE();
+}
