@@ -119,8 +119,14 @@ def granted(installed: Installed, component: str) -> list[dict[str, str]]:
                 for v in rule["verbs"]:
                     for n in rule.get("resourceNames", [""]):
                         rows.append(
-                            {"component": component, "scope": scope, "apiGroup": g,
-                             "resource": res, "verb": v, "resourceName": n}
+                            {
+                                "component": component,
+                                "scope": scope,
+                                "apiGroup": g,
+                                "resource": res,
+                                "verb": v,
+                                "resourceName": n,
+                            }
                         )
     return rows
 
@@ -144,7 +150,11 @@ def test_every_granted_permission_is_listed_and_holds_for_the_service_account(
             if ns:
                 # A Role's permission stops at its namespace.
                 assert not _allowed(
-                    api, row["apiGroup"], row["resource"], row["verb"], "kube-system",
+                    api,
+                    row["apiGroup"],
+                    row["resource"],
+                    row["verb"],
+                    "kube-system",
                     row["resourceName"],
                 ), row
 
@@ -174,51 +184,88 @@ def test_every_rule_carries_a_comment_naming_the_code_path_that_uses_it(helm: An
                     j -= 1  # to the first line of the comment block
                 assert lines[j].strip().startswith(f"# {component.group(1)}: "), (
                     f"rule without a '# {component.group(1)}: <purpose>' comment: "
-                    f"{lines[j]!r} above {lines[i:i + 3]}"
+                    f"{lines[j]!r} above {lines[i : i + 3]}"
                 )
                 checked += 1
     assert checked >= 15
 
 
-def test_the_operator_can_do_its_work_with_real_requests(
-    installed: Installed, kube: Any
-) -> None:
+def test_the_operator_can_do_its_work_with_real_requests(installed: Installed, kube: Any) -> None:
     ns = installed.namespace
     op = installed.apis["operator"]
     co, admin_co = client.CustomObjectsApi(op), client.CustomObjectsApi(kube)
     admin_co.create_namespaced_custom_object(
-        GROUP, VERSION, ns, "devicemigrations",
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DeviceMigration",
-         "metadata": {"name": "m1"}, "spec": {"vmiName": "vm-1"}},
+        GROUP,
+        VERSION,
+        ns,
+        "devicemigrations",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "DeviceMigration",
+            "metadata": {"name": "m1"},
+            "spec": {"vmiName": "vm-1"},
+        },
     )
     assert _status(co.list_cluster_custom_object, GROUP, VERSION, "devicemigrations") == 200
-    assert _status(
-        co.patch_namespaced_custom_object_status, GROUP, VERSION, ns, "devicemigrations", "m1",
-        {"status": {"phase": "Validating"}},
-    ) == 200
-    assert admin_co.get_namespaced_custom_object(
-        GROUP, VERSION, ns, "devicemigrations", "m1"
-    )["status"]["phase"] == "Validating"
+    assert (
+        _status(
+            co.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            ns,
+            "devicemigrations",
+            "m1",
+            {"status": {"phase": "Validating"}},
+        )
+        == 200
+    )
+    assert (
+        admin_co.get_namespaced_custom_object(GROUP, VERSION, ns, "devicemigrations", "m1")[
+            "status"
+        ]["phase"]
+        == "Validating"
+    )
     # kopf's finalizer and progress annotations.
-    assert _status(
-        co.patch_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations", "m1",
-        {"metadata": {"annotations": {"devmig.io/test": "1"}}},
-    ) == 200
+    assert (
+        _status(
+            co.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            ns,
+            "devicemigrations",
+            "m1",
+            {"metadata": {"annotations": {"devmig.io/test": "1"}}},
+        )
+        == 200
+    )
     assert _status(co.list_cluster_custom_object, GROUP, VERSION, "nodedeviceinventories") == 200
     # Allowed, and the VMI does not exist: 404, not 403.
-    assert _status(
-        co.get_namespaced_custom_object, "kubevirt.io", "v1", ns, "virtualmachineinstances", "vm-1"
-    ) == 404
-    assert _status(
-        co.list_cluster_custom_object, "kubevirt.io", "v1", "virtualmachineinstancemigrations"
-    ) == 200
+    assert (
+        _status(
+            co.get_namespaced_custom_object,
+            "kubevirt.io",
+            "v1",
+            ns,
+            "virtualmachineinstances",
+            "vm-1",
+        )
+        == 404
+    )
+    assert (
+        _status(
+            co.list_cluster_custom_object, "kubevirt.io", "v1", "virtualmachineinstancemigrations"
+        )
+        == 200
+    )
     assert _status(client.CoreV1Api(op).list_node) == 200
     ev = client.CoreV1Event(
         metadata=client.V1ObjectMeta(generate_name="m1."),
         involved_object=client.V1ObjectReference(
             api_version=f"{GROUP}/{VERSION}", kind="DeviceMigration", name="m1", namespace=ns
         ),
-        reason="Validating", message="test", type="Normal",
+        reason="Validating",
+        message="test",
+        type="Normal",
     )
     assert _status(client.CoreV1Api(op).create_namespaced_event, ns, ev) == 200
     coord = client.CoordinationV1Api(op)
@@ -231,9 +278,7 @@ def test_the_operator_can_do_its_work_with_real_requests(
     assert _status(coord.list_namespaced_lease, ns) == 200
     assert _status(coord.delete_namespaced_lease, "claim-node-b-dev0", ns) == 200
     assert _status(client.CoreV1Api(op).read_namespaced_secret, "devmig-session-key", ns) == 200
-    assert _status(
-        client.ApiextensionsV1Api(op).list_custom_resource_definition
-    ) == 200
+    assert _status(client.ApiextensionsV1Api(op).list_custom_resource_definition) == 200
 
 
 def test_the_operator_cannot_do_what_it_does_not_need(installed: Installed) -> None:
@@ -241,28 +286,51 @@ def test_the_operator_cannot_do_what_it_does_not_need(installed: Installed) -> N
     op = installed.apis["operator"]
     core, co = client.CoreV1Api(op), client.CustomObjectsApi(op)
     ca = next(
-        d["metadata"]["name"] for d in installed.docs
+        d["metadata"]["name"]
+        for d in installed.docs
         if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-ca")
     )
     assert _status(core.read_namespaced_secret, ca, ns) == 403
     assert _status(core.list_namespaced_secret, ns) == 403
     assert _status(core.list_pod_for_all_namespaces) == 403
-    assert _status(
-        co.delete_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations", "m1"
-    ) == 403
-    assert _status(
-        co.create_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations",
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DeviceMigration",
-         "metadata": {"name": "x"}, "spec": {"vmiName": "vm"}},
-    ) == 403
+    assert (
+        _status(co.delete_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations", "m1")
+        == 403
+    )
+    assert (
+        _status(
+            co.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            ns,
+            "devicemigrations",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "DeviceMigration",
+                "metadata": {"name": "x"},
+                "spec": {"vmiName": "vm"},
+            },
+        )
+        == 403
+    )
     lease = client.V1Lease(metadata=client.V1ObjectMeta(name="elsewhere"))
     assert _status(client.CoordinationV1Api(op).create_namespaced_lease, "default", lease) == 403
-    assert _status(
-        co.create_namespaced_custom_object, "kubevirt.io", "v1", ns,
-        "virtualmachineinstancemigrations",
-        {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
-         "metadata": {"name": "x"}, "spec": {"vmiName": "vm"}},
-    ) == 403
+    assert (
+        _status(
+            co.create_namespaced_custom_object,
+            "kubevirt.io",
+            "v1",
+            ns,
+            "virtualmachineinstancemigrations",
+            {
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachineInstanceMigration",
+                "metadata": {"name": "x"},
+                "spec": {"vmiName": "vm"},
+            },
+        )
+        == 403
+    )
     assert not _allowed(op, "rbac.authorization.k8s.io", "clusterroles", "create", "")
     assert not _allowed(op, "kopf.dev", "clusterkopfpeerings", "get", "")
 
@@ -276,25 +344,47 @@ def test_the_agent_publishes_its_inventory_and_reads_its_node_and_pods(
     try:
         co = client.CustomObjectsApi(agent)
         inv = {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeDeviceInventory",
-            "metadata": {"name": node}, "spec": {"nodeName": node},
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "NodeDeviceInventory",
+            "metadata": {"name": node},
+            "spec": {"nodeName": node},
         }
-        assert _status(co.create_cluster_custom_object, GROUP, VERSION,
-                       "nodedeviceinventories", inv) == 200
-        assert _status(
-            co.patch_cluster_custom_object_status, GROUP, VERSION, "nodedeviceinventories", node,
-            {"status": {"agentVersion": "0.1.0", "agentEndpoint": "10.0.0.7:50051",
-                        "deviceCount": 0, "migratableCount": 0}},
-        ) == 200
+        assert (
+            _status(co.create_cluster_custom_object, GROUP, VERSION, "nodedeviceinventories", inv)
+            == 200
+        )
+        assert (
+            _status(
+                co.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                "nodedeviceinventories",
+                node,
+                {
+                    "status": {
+                        "agentVersion": "0.1.0",
+                        "agentEndpoint": "10.0.0.7:50051",
+                        "deviceCount": 0,
+                        "migratableCount": 0,
+                    }
+                },
+            )
+            == 200
+        )
         got = co.get_cluster_custom_object(GROUP, VERSION, "nodedeviceinventories", node)
         assert got["status"]["agentEndpoint"] == "10.0.0.7:50051"
         assert _status(client.CoreV1Api(agent).read_node, node) == 200
-        assert _status(
-            client.CoreV1Api(agent).list_pod_for_all_namespaces,
-            field_selector=f"spec.nodeName={node}",
-        ) == 200
-        assert _status(co.delete_cluster_custom_object, GROUP, VERSION,
-                       "nodedeviceinventories", node) == 403
+        assert (
+            _status(
+                client.CoreV1Api(agent).list_pod_for_all_namespaces,
+                field_selector=f"spec.nodeName={node}",
+            )
+            == 200
+        )
+        assert (
+            _status(co.delete_cluster_custom_object, GROUP, VERSION, "nodedeviceinventories", node)
+            == 403
+        )
     finally:
         client.CoreV1Api(kube).delete_node(node)
         client.CustomObjectsApi(kube).delete_cluster_custom_object(
@@ -308,9 +398,10 @@ def test_the_agent_cannot_touch_migrations_secrets_or_other_nodes(
     ns = installed.namespace
     agent = installed.apis["agent"]
     core, co = client.CoreV1Api(agent), client.CustomObjectsApi(agent)
-    assert _status(
-        co.delete_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations", "m1"
-    ) == 403
+    assert (
+        _status(co.delete_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations", "m1")
+        == 403
+    )
     assert _status(co.list_cluster_custom_object, GROUP, VERSION, "devicemigrations") == 403
     assert _status(core.read_namespaced_secret, "devmig-session-key", ns) == 403
     assert _status(core.list_secret_for_all_namespaces) == 403

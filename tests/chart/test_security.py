@@ -70,7 +70,9 @@ def test_privileged_is_a_value_and_off_leaves_only_ipc_lock(helm: Any, find_one:
     assert default["containers"][0]["securityContext"]["privileged"] is True
     off = _pod(
         helm.template([CHART / "ci" / "unprivileged-agent-values.yaml"]),
-        "DaemonSet", "-agent", find_one,
+        "DaemonSet",
+        "-agent",
+        find_one,
     )
     sc = off["containers"][0]["securityContext"]
     assert sc["privileged"] is False

@@ -56,9 +56,10 @@ def test_the_generated_ca_signs_an_operator_client_and_an_agent_peer_certificate
     for name in ("devmig-operator-tls", "devmig-agent-tls"):
         assert s[name]["ca.crt"] == s["devmig-ca"]["tls.crt"]
     assert _signed_by(op, ca) and _signed_by(ag, ca)
-    assert ExtendedKeyUsageOID.CLIENT_AUTH in op.extensions.get_extension_for_class(
-        x509.ExtendedKeyUsage
-    ).value
+    assert (
+        ExtendedKeyUsageOID.CLIENT_AUTH
+        in op.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
     eku = ag.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku)
     sans = ag.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -75,12 +76,14 @@ def agent_with_chart_certs(
     """The real agent servicer behind a gRPC server that requires a client
     certificate from the chart's CA, serving the chart's agent certificate."""
     import grpc
+
     from devmig_agent import server
 
     docs = helm.template()
     ag = _secrets(docs)["devmig-agent-tls"]
     creds = grpc.ssl_server_credentials(
-        [(ag["tls.key"], ag["tls.crt"])], root_certificates=ag["ca.crt"],
+        [(ag["tls.key"], ag["tls.crt"])],
+        root_certificates=ag["ca.crt"],
         require_client_auth=True,
     )
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -167,9 +170,14 @@ def test_certificates_and_the_session_key_survive_helm_upgrades(
         assert again[f"{release}-devmig-ca"] == first[f"{release}-devmig-ca"]
         assert again["devmig-session-key"] == first["devmig-session-key"]
         new_leaf = _cert(base64.b64decode(again[f"{release}-devmig-agent-tls"]["tls.crt"]))
-        assert new_leaf.serial_number != _cert(
-            base64.b64decode(first[f"{release}-devmig-agent-tls"]["tls.crt"])
-        ).serial_number
-        assert _signed_by(new_leaf, _cert(base64.b64decode(first[f"{release}-devmig-ca"]["tls.crt"])))
+        assert (
+            new_leaf.serial_number
+            != _cert(
+                base64.b64decode(first[f"{release}-devmig-agent-tls"]["tls.crt"])
+            ).serial_number
+        )
+        assert _signed_by(
+            new_leaf, _cert(base64.b64decode(first[f"{release}-devmig-ca"]["tls.crt"]))
+        )
     finally:
         helm.run("uninstall", release, "--namespace", namespace, kubeconfig=kc)

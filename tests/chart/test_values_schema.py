@@ -140,7 +140,8 @@ def test_the_same_values_pass_when_well_typed(helm: Any, tmp_path: pathlib.Path)
     proc = _template(
         helm,
         tmp_path,
-        "agent:\n  grpcPort: 50061\n  updateStrategy:\n    rollingUpdate:\n      maxUnavailable: 10%\n"
+        "agent:\n  grpcPort: 50061\n"
+        "  updateStrategy:\n    rollingUpdate:\n      maxUnavailable: 10%\n"
         "crds:\n  install: false\nimage:\n  pullPolicy: Always\n",
     )
     assert proc.returncode == 0, proc.stderr

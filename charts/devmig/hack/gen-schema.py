@@ -52,7 +52,9 @@ def comment_above(lines: list[str], line_no: int) -> tuple[str, dict[str, Any]]:
             try:
                 extra.update(json.loads(raw))
             except json.JSONDecodeError as e:
-                raise SchemaError(f"values.yaml:{line_no}: bad {SCHEMA_MARK} JSON {raw!r}: {e}") from e
+                raise SchemaError(
+                    f"values.yaml:{line_no}: bad {SCHEMA_MARK} JSON {raw!r}: {e}"
+                ) from e
         else:
             text.append(b)
     return " ".join(t for t in text if t), extra
@@ -86,7 +88,9 @@ def schema_of(node: yaml.Node, value: Any, lines: list[str], path: str) -> dict[
             key = k_node.value
             desc, extra = comment_above(lines, k_node.start_mark.line)
             if not desc:
-                raise SchemaError(f"values.yaml:{k_node.start_mark.line + 1}: {path}{key} has no comment")
+                raise SchemaError(
+                    f"values.yaml:{k_node.start_mark.line + 1}: {path}{key} has no comment"
+                )
             sub = schema_of(v_node, value[key], lines, f"{path}{key}.")
             sub = {"description": desc, **sub, **extra}
             if "type" not in sub:
