@@ -14,6 +14,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import pathlib
 import secrets
 import threading
 from typing import Any
@@ -90,11 +91,33 @@ class Agent:
     versions: Any
 
 
-class Agents:
-    """Channels to agents, one per endpoint, reused across reconciles."""
+def tls_credentials(directory: str) -> grpc.ChannelCredentials:
+    """Client credentials from a directory laid out as the chart mounts a
+    kubernetes.io/tls Secret plus its CA: ca.crt, tls.crt, tls.key."""
+    d = pathlib.Path(directory)
+    try:
+        ca, crt, key = ((d / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key"))
+    except OSError as e:
+        raise AgentRefused(
+            grpc.StatusCode.UNAUTHENTICATED, f"TlsConfig: cannot read {e.filename}: {e.strerror}"
+        ) from e
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=crt
+    )
 
-    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+
+class Agents:
+    """Channels to agents, one per endpoint, reused across reconciles.
+
+    With ``credentials`` every channel is mutual TLS; agents are dialled by
+    IP, so ``server_name`` is the name their shared certificate carries
+    (DEVMIG_AGENT_TLS_SERVER_NAME in the chart)."""
+
+    def __init__(
+        self, credentials: grpc.ChannelCredentials | None = None, server_name: str = ""
+    ) -> None:
         self._credentials = credentials
+        self._options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         self._lock = threading.Lock()
         self._agents: dict[str, Agent] = {}
 
@@ -106,7 +129,7 @@ class Agents:
         if self._credentials is None:
             ch = grpc.insecure_channel(endpoint)
         else:
-            ch = grpc.secure_channel(endpoint, self._credentials)
+            ch = grpc.secure_channel(endpoint, self._credentials, options=self._options)
         stub = agent_pb2_grpc.NodeAgentStub(ch)
         versions = call(stub.GetVersion, agent_pb2.GetVersionRequest(api_version=API_VERSION))
         if versions.node_name != node:

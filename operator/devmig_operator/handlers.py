@@ -34,7 +34,15 @@ def _cluster() -> Cluster:
 
 @functools.cache
 def _agents() -> agentsmod.Agents:
-    return agentsmod.Agents()
+    tls_dir = os.environ.get("DEVMIG_TLS_DIR", "")
+    if not tls_dir:
+        log.warning(
+            "DEVMIG_TLS_DIR is not set: talking to agents without TLS (tests and labs only)"
+        )
+        return agentsmod.Agents()
+    return agentsmod.Agents(
+        agentsmod.tls_credentials(tls_dir), os.environ.get("DEVMIG_AGENT_TLS_SERVER_NAME", "")
+    )
 
 
 @functools.cache

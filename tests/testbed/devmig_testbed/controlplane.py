@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import datetime
-import ipaddress
 import json
 import os
 import pathlib
@@ -31,10 +29,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from devmig_testbed.pki import CA, key_pem
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "controlplane" / "build.sh"
@@ -114,82 +111,22 @@ def free_port() -> int:
 # ----------------------------------------------------------------- certificates
 
 
-def _write_key(path: pathlib.Path, key: Any) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
 def make_pki(pki: pathlib.Path) -> None:
     """A CA, a serving certificate for 127.0.0.1/localhost, and an RSA key
     that signs and verifies service-account tokens."""
     pki.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    # One day: the certificates live as long as one test run or one
-    # cluster-up, never longer.
-    not_after = now + datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "devmig-test-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.DNSName("kubernetes.default.svc"),
-                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_key(pki / "ca.key", ca_key)
-    (pki / "serving.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-    _write_key(pki / "serving.key", srv_key)
+    ca = CA.create()
+    crt, key = ca.issue("kube-apiserver", ["localhost", "kubernetes.default.svc"], ["127.0.0.1"])
+    (pki / "ca.crt").write_bytes(ca.pem)
+    (pki / "ca.key").write_bytes(key_pem(ca.key))
+    (pki / "serving.crt").write_bytes(crt)
+    (pki / "serving.key").write_bytes(key)
     # RSA 2048: what kube-apiserver's service-account signer expects.
-    _write_key(pki / "sa.key", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    (pki / "sa.key").write_bytes(
+        key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    )
+    for f in ("ca.key", "serving.key", "sa.key"):
+        (pki / f).chmod(0o600)
 
 
 def kubeconfig(server: str, ca_file: pathlib.Path, user: str, token: str) -> dict[str, Any]:
