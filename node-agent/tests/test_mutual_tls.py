@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 
+from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 from devmig_operator.agents import Agents
 from devmig_testbed.pki import CA
 
