@@ -1,16 +1,52 @@
 """devmig native core: the VFIO migration uAPI v2, driven from C.
 
 This module is the only door to the compiled library (``_native``); the rest
-of devmig imports names from here, never from ``_native`` directly.
+of devmig imports names from here, never from ``_native`` directly. It only
+converts: every decision (the arc table, recovery, stream verification)
+is made in C.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
 
-from devmig_native import _native  # type: ignore[attr-defined]
+from devmig_native import _native
 
-__all__ = ["MigState", "version"]
+__all__ = [
+    "Device",
+    "DevmigError",
+    "MigFlags",
+    "MigState",
+    "SimDevice",
+    "SimStats",
+    "StreamError",
+    "fsm_path",
+    "version",
+]
+
+if TYPE_CHECKING:
+
+    class DevmigError(OSError):
+        """A device operation failed. ``errno`` is the kernel's (or the
+        simulated device's); ``from_state`` and ``to_state`` are the kernel
+        state names (or None) of the request that failed."""
+
+        from_state: str | None
+        to_state: str | None
+
+    class StreamError(DevmigError):
+        """A devmig stream was refused (corrupt, truncated, reordered, from
+        another device, or rejected by the device); the target was reset."""
+
+else:
+    # Both are made in C, so C raises them without calling back into Python.
+    DevmigError = _native.DevmigError
+    StreamError = _native.StreamError
 
 
 class MigState(enum.IntEnum):
@@ -26,9 +62,175 @@ class MigState(enum.IntEnum):
     PRE_COPY_P2P = 7
 
 
+class MigFlags(enum.IntFlag):
+    """VFIO_DEVICE_FEATURE_MIGRATION flags."""
+
+    STOP_COPY = 1
+    P2P = 2
+    PRE_COPY = 4
+
+
 def version() -> str:
     """Version string of the compiled core."""
     return str(_native.version())
+
+
+def fsm_path(flags: int, from_state: int, to_state: int) -> list[MigState]:
+    """States the kernel enters going from ``from_state`` to ``to_state`` on
+    a device with ``flags``; raises DevmigError(EINVAL) when it refuses."""
+    return [MigState(s) for s in _native.fsm_path(int(flags), int(from_state), int(to_state))]
+
+
+class Device:
+    """A migratable device: a VFIO device fd, or the simulated device.
+
+    State changes go through :meth:`set_state` only. Use from one thread at a
+    time (calls from several threads are serialised).
+    """
+
+    def __init__(self, handle: _native.Device) -> None:
+        self._h = handle
+
+    @classmethod
+    def open_vfio(cls, fd: int, vendor_id: int = 0, device_id: int = 0, driver: str = "") -> Device:
+        """Take a VFIO device fd (duplicated: the caller keeps its own)."""
+        return cls(_native.open_vfio(fd, vendor_id, device_id, driver))
+
+    def close(self) -> None:
+        self._h.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def flags(self) -> MigFlags:
+        return MigFlags(self._h.flags)
+
+    @property
+    def state(self) -> MigState:
+        """The state the device last confirmed (no ioctl)."""
+        return MigState(self._h.state)
+
+    @property
+    def data_fd(self) -> int:
+        """The open data session's fd (owned by the device), or -1."""
+        return int(self._h.data_fd)
+
+    @property
+    def poisoned(self) -> bool:
+        return bool(self._h.poisoned)
+
+    @property
+    def desc(self) -> tuple[int, int, str]:
+        """(vendor_id, device_id, driver) a stream from this device carries."""
+        return self._h.desc
+
+    def set_log(self, fn: Callable[[str], object] | None) -> None:
+        """Send log lines ("RUNNING -> STOP_COPY ...") to ``fn(line)``;
+        None restores stderr."""
+        self._h.set_log(fn)
+
+    def probe(self) -> MigFlags:
+        return MigFlags(self._h.probe())
+
+    def get_state(self) -> MigState:
+        return MigState(self._h.get_state())
+
+    def set_state(self, to: MigState, recover_to: MigState) -> int:
+        """Move to ``to``; on failure try ``recover_to`` (ERROR: reset
+        directly), resetting if that fails too. Returns the data fd of the
+        session, or -1."""
+        return int(self._h.set_state(int(to), int(recover_to)))
+
+    def reset(self) -> None:
+        self._h.reset()
+
+    def read(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes of device data; b"" at the end of the stream
+        (STOP_COPY), None at a temporary end (PRE_COPY)."""
+        return self._h.read(n)
+
+    def write(self, data: bytes) -> int:
+        """Write all of ``data`` into a RESUMING device; a failure poisons it."""
+        return int(self._h.write(data))
+
+    def precopy_info(self) -> tuple[int, int]:
+        """(initial_bytes, dirty_bytes)."""
+        return self._h.precopy_info()
+
+    def data_size(self) -> int:
+        return int(self._h.data_size())
+
+    def save_stream(self, path: str | os.PathLike[str]) -> int:
+        """Write this device's data as a devmig stream (from PRE_COPY or
+        STOP_COPY; leaves the device in STOP_COPY). Returns payload bytes."""
+        return int(self._h.save_stream(os.fspath(path)))
+
+    def load_stream(self, path: str | os.PathLike[str]) -> None:
+        """Load a devmig stream into this RESUMING device; it ends in STOP.
+        Raises StreamError (the device reset) unless it all verified."""
+        self._h.load_stream(os.fspath(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimStats:
+    set_state_calls: int
+    reset_calls: int
+    last_path: list[MigState]
+    pages_dirtied: int
+    loads: int
+    mem_digest: int
+
+
+class SimDevice(Device):
+    """The simulated migratable device (kernel semantics, no hardware)."""
+
+    def __init__(
+        self,
+        flags: int = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY,
+        mem_size: int = 1 << 20,
+        dirty_pages_per_mib: int = 0,
+        seed: int = 0,
+        vendor_id: int = 0,
+        device_id: int = 0,
+        driver: str | None = None,
+    ) -> None:
+        handle = _native.open_sim(
+            int(flags), mem_size, dirty_pages_per_mib, seed, vendor_id, device_id, driver
+        )
+        super().__init__(handle)
+
+    def fail_arc(
+        self, from_state: MigState, to_state: MigState, err: int, end_in_error: bool = False
+    ) -> None:
+        """Make one arc of any path fail with ``err`` until clear_faults()."""
+        self._h.sim_fail_arc(int(from_state), int(to_state), err, end_in_error)
+
+    def fail_write(self, offset: int, err: int) -> None:
+        """Resuming writes reaching stream byte ``offset`` fail with ``err``."""
+        self._h.sim_fail_write(offset, err)
+
+    def corrupt(self, offset: int) -> None:
+        """Flip byte ``offset`` of the next saving stream the device makes."""
+        self._h.sim_corrupt(offset)
+
+    def clear_faults(self) -> None:
+        self._h.sim_clear_faults()
+
+    def touch(self, page: int) -> None:
+        """The running workload writes page ``page`` (4 KiB pages)."""
+        self._h.sim_touch(page)
+
+    def stats(self) -> SimStats:
+        st = self._h.sim_stats()
+        path = st.pop("last_path")
+        assert isinstance(path, list)
+        return SimStats(last_path=[MigState(s) for s in path], **st)  # type: ignore[arg-type]
 
 
 # The enum above must agree with the C table; checked at import so a drift

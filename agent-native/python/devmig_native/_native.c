@@ -1,10 +1,51 @@
 /* Thin CPython binding over libdevmig. It converts arguments and results
- * and maps -errno to OSError; it holds no logic of its own. */
+ * and maps -errno to DevmigError (an OSError carrying the kernel state
+ * names); it holds no logic of its own. Blocking calls run without the GIL,
+ * under a per-device lock, because a device is used by one thread at a
+ * time. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "devmig/devmig.h"
+#include "devmig/sim.h"
+#include "devmig/stream.h"
+
+static PyObject *DevmigError;
+static PyObject *StreamError;
+
+/* Set obj.name to a state name, or None. */
+static int set_name(PyObject *obj, const char *name, const char *value)
+{
+	PyObject *v = value ? PyUnicode_FromString(value) : Py_NewRef(Py_None);
+	int r;
+
+	if (!v)
+		return -1;
+	r = PyObject_SetAttrString(obj, name, v);
+	Py_DECREF(v);
+	return r;
+}
+
+/* Raise cls(errno, strerror) with from_state/to_state (names or None). */
+static PyObject *raise_err(PyObject *cls, int neg_errno, const char *from, const char *to)
+{
+	int e = -neg_errno;
+	PyObject *exc = PyObject_CallFunction(cls, "is", e, strerror(e));
+
+	if (!exc)
+		return NULL;
+	if (set_name(exc, "from_state", from) < 0 || set_name(exc, "to_state", to) < 0) {
+		Py_DECREF(exc);
+		return NULL;
+	}
+	PyErr_SetObject(cls, exc);
+	Py_DECREF(exc);
+	return NULL;
+}
 
 static PyObject *py_version(PyObject *self, PyObject *args)
 {
@@ -37,11 +78,512 @@ static PyObject *py_state_from_name(PyObject *self, PyObject *arg)
 	return PyLong_FromLong(v);
 }
 
+static PyObject *py_fsm_path(PyObject *self, PyObject *args)
+{
+	unsigned long long flags;
+	unsigned int from, to;
+	uint32_t path[DEVMIG_STATE_COUNT];
+	int n;
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "KII", &flags, &from, &to))
+		return NULL;
+	n = devmig_fsm_path(flags, from, to, path, DEVMIG_STATE_COUNT);
+	if (n < 0)
+		return raise_err(DevmigError, n, devmig_state_name(from), devmig_state_name(to));
+	PyObject *l = PyList_New(n);
+	for (int i = 0; l && i < n; i++)
+		PyList_SET_ITEM(l, i, PyLong_FromUnsignedLong(path[i]));
+	return l;
+}
+
+/* ---- Device ---- */
+
+typedef struct {
+	PyObject_HEAD
+	struct devmig_dev *dev;
+	PyThread_type_lock lock;
+	PyObject *log_cb;
+} DeviceObject;
+
+/* Run `stmt` without the GIL, holding the device's lock. */
+#define LOCKED(self, stmt)                                                   \
+	do {                                                                 \
+		Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock((self)->lock, WAIT_LOCK); \
+		stmt;                                                        \
+		PyThread_release_lock((self)->lock);                         \
+		Py_END_ALLOW_THREADS                                         \
+	} while (0)
+
+static PyTypeObject DeviceType;
+
+static int alive(DeviceObject *self)
+{
+	if (!self->dev) {
+		PyErr_SetString(PyExc_ValueError, "device is closed");
+		return 0;
+	}
+	return 1;
+}
+
+static PyObject *dev_err(DeviceObject *self, int r)
+{
+	return raise_err(DevmigError, r, devmig_state_name(devmig_dev_state(self->dev)), NULL);
+}
+
+static PyObject *wrap(struct devmig_dev *d)
+{
+	DeviceObject *o = PyObject_New(DeviceObject, &DeviceType);
+
+	if (!o) {
+		devmig_dev_close(d);
+		return NULL;
+	}
+	o->dev = d;
+	o->log_cb = NULL;
+	o->lock = PyThread_allocate_lock();
+	if (!o->lock) {
+		Py_DECREF(o);
+		return PyErr_NoMemory();
+	}
+	return (PyObject *)o;
+}
+
+static void fill_desc(struct devmig_dev_desc *desc, unsigned int vendor, unsigned int device,
+		      const char *driver)
+{
+	memset(desc, 0, sizeof(*desc));
+	desc->vendor_id = (uint16_t)vendor;
+	desc->device_id = (uint16_t)device;
+	if (driver)
+		strncpy(desc->driver, driver, sizeof(desc->driver) - 1);
+}
+
+static PyObject *py_open_sim(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "flags", "mem_size", "dirty_pages_per_mib", "seed", "vendor_id",
+				  "device_id", "driver", NULL };
+	unsigned long long flags = 0, mem = 0, seed = 0;
+	unsigned int rate = 0, vendor = 0, device = 0;
+	const char *driver = NULL;
+	struct devmig_sim_config cfg;
+	struct devmig_dev *d;
+	int r;
+
+	(void)self;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKIKIIz", kwlist, &flags, &mem, &rate, &seed, &vendor,
+					 &device, &driver))
+		return NULL;
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.flags = flags;
+	cfg.mem_size = mem;
+	cfg.dirty_pages_per_mib = rate;
+	cfg.seed = seed;
+	fill_desc(&cfg.desc, vendor, device, driver);
+	r = devmig_dev_open_sim(&cfg, &d);
+	if (r < 0)
+		return raise_err(DevmigError, r, NULL, NULL);
+	return wrap(d);
+}
+
+static PyObject *py_open_vfio(PyObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "fd", "vendor_id", "device_id", "driver", NULL };
+	unsigned int vendor = 0, device = 0;
+	const char *driver = NULL;
+	struct devmig_dev_desc desc;
+	struct devmig_dev *d;
+	int fd, r;
+
+	(void)self;
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "i|IIz", kwlist, &fd, &vendor, &device, &driver))
+		return NULL;
+	fill_desc(&desc, vendor, device, driver);
+	Py_BEGIN_ALLOW_THREADS r = devmig_dev_open_vfio(fd, &desc, &d);
+	Py_END_ALLOW_THREADS if (r < 0) return raise_err(DevmigError, r, NULL, NULL);
+	return wrap(d);
+}
+
+static void dev_dealloc(DeviceObject *self)
+{
+	if (self->dev)
+		devmig_dev_close(self->dev);
+	if (self->lock)
+		PyThread_free_lock(self->lock);
+	Py_XDECREF(self->log_cb);
+	PyObject_Free(self);
+}
+
+static PyObject *dev_close(DeviceObject *self, PyObject *unused)
+{
+	(void)unused;
+	if (self->dev) {
+		struct devmig_dev *d = self->dev;
+
+		LOCKED(self, devmig_dev_close(d));
+		self->dev = NULL;
+	}
+	Py_RETURN_NONE;
+}
+
+/* Log lines arrive without the GIL: take it to call Python. */
+static void log_to_python(void *ctx, const char *line)
+{
+	PyGILState_STATE g = PyGILState_Ensure();
+	PyObject *res = PyObject_CallFunction((PyObject *)ctx, "s", line);
+
+	if (!res)
+		PyErr_WriteUnraisable((PyObject *)ctx);
+	Py_XDECREF(res);
+	PyGILState_Release(g);
+}
+
+static PyObject *dev_set_log(DeviceObject *self, PyObject *cb)
+{
+	if (!alive(self))
+		return NULL;
+	if (cb != Py_None && !PyCallable_Check(cb))
+		return PyErr_Format(PyExc_TypeError, "log callback must be callable or None");
+	LOCKED(self, devmig_dev_set_log(self->dev, cb == Py_None ? NULL : log_to_python, cb));
+	Py_XDECREF(self->log_cb);
+	self->log_cb = cb == Py_None ? NULL : Py_NewRef(cb);
+	Py_RETURN_NONE;
+}
+
+static PyObject *dev_probe(DeviceObject *self, PyObject *unused)
+{
+	uint64_t flags;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_probe_flags(self->dev, &flags));
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromUnsignedLongLong(flags);
+}
+
+static PyObject *dev_get_state(DeviceObject *self, PyObject *unused)
+{
+	uint32_t st;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_get_state(self->dev, &st));
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromUnsignedLong(st);
+}
+
+static PyObject *dev_set_state(DeviceObject *self, PyObject *args)
+{
+	unsigned int to, recover;
+	uint32_t from;
+	int r, fd;
+
+	if (!alive(self) || !PyArg_ParseTuple(args, "II", &to, &recover))
+		return NULL;
+	from = devmig_dev_state(self->dev);
+	LOCKED(self, r = devmig_set_state(self->dev, to, recover, &fd));
+	if (r < 0)
+		return raise_err(DevmigError, r, devmig_state_name(from), devmig_state_name(to));
+	return PyLong_FromLong(fd);
+}
+
+static PyObject *dev_reset(DeviceObject *self, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_reset(self->dev));
+	if (r < 0)
+		return raise_err(DevmigError, r, devmig_state_name(devmig_dev_state(self->dev)), "RUNNING");
+	Py_RETURN_NONE;
+}
+
+/* bytes; b"" at the end of the stream; None at PRE_COPY's temporary end. */
+static PyObject *dev_read(DeviceObject *self, PyObject *arg)
+{
+	Py_ssize_t n = PyLong_AsSsize_t(arg);
+	PyObject *b;
+	long got;
+
+	if ((n < 0 && PyErr_Occurred()) || !alive(self))
+		return NULL;
+	if (n < 0)
+		return PyErr_Format(PyExc_ValueError, "negative size");
+	b = PyBytes_FromStringAndSize(NULL, n);
+	if (!b)
+		return NULL;
+	LOCKED(self, got = devmig_data_read(self->dev, PyBytes_AS_STRING(b), (size_t)n));
+	if (got == -ENOMSG) {
+		Py_DECREF(b);
+		Py_RETURN_NONE;
+	}
+	if (got < 0) {
+		Py_DECREF(b);
+		return dev_err(self, (int)got);
+	}
+	if (_PyBytes_Resize(&b, got) < 0)
+		return NULL;
+	return b;
+}
+
+static PyObject *dev_write(DeviceObject *self, PyObject *arg)
+{
+	Py_buffer view;
+	long r;
+
+	if (!alive(self) || PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+		return NULL;
+	LOCKED(self, r = devmig_data_write(self->dev, view.buf, (size_t)view.len));
+	PyBuffer_Release(&view);
+	if (r < 0)
+		return dev_err(self, (int)r);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *dev_precopy_info(DeviceObject *self, PyObject *unused)
+{
+	struct devmig_precopy_info pi;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_precopy_info(self->dev, &pi));
+	if (r < 0)
+		return dev_err(self, r);
+	return Py_BuildValue("KK", (unsigned long long)pi.initial_bytes, (unsigned long long)pi.dirty_bytes);
+}
+
+static PyObject *dev_data_size(DeviceObject *self, PyObject *unused)
+{
+	uint64_t v;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_data_size(self->dev, &v));
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *dev_save_stream(DeviceObject *self, PyObject *arg)
+{
+	PyObject *path;
+	long r;
+	int fd;
+
+	if (!alive(self) || !PyUnicode_FSConverter(arg, &path))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS fd = open(PyBytes_AS_STRING(path), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	Py_END_ALLOW_THREADS if (fd < 0)
+	{
+		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+		Py_DECREF(path);
+		return NULL;
+	}
+	Py_DECREF(path);
+	LOCKED(self, r = devmig_stream_save(self->dev, fd); if (r >= 0 && fsync(fd) < 0) r = -errno;
+	       close(fd));
+	if (r < 0)
+		return dev_err(self, (int)r);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *dev_load_stream(DeviceObject *self, PyObject *arg)
+{
+	PyObject *path;
+	int r, fd;
+
+	if (!alive(self) || !PyUnicode_FSConverter(arg, &path))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS fd = open(PyBytes_AS_STRING(path), O_RDONLY | O_CLOEXEC);
+	Py_END_ALLOW_THREADS if (fd < 0)
+	{
+		PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+		Py_DECREF(path);
+		return NULL;
+	}
+	Py_DECREF(path);
+	LOCKED(self, r = devmig_stream_load(self->dev, fd); close(fd));
+	if (r < 0)
+		return raise_err(StreamError, r, "RESUMING", "STOP");
+	Py_RETURN_NONE;
+}
+
+/* ---- simulated device controls ---- */
+
+static PyObject *sim_fail_arc(DeviceObject *self, PyObject *args)
+{
+	unsigned int from, to;
+	int err, to_error = 0, r;
+
+	if (!alive(self) || !PyArg_ParseTuple(args, "IIi|p", &from, &to, &err, &to_error))
+		return NULL;
+	LOCKED(self, r = devmig_sim_fail_arc(self->dev, from, to, err, to_error));
+	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
+}
+
+static PyObject *sim_fail_write(DeviceObject *self, PyObject *args)
+{
+	unsigned long long off;
+	int err, r;
+
+	if (!alive(self) || !PyArg_ParseTuple(args, "Ki", &off, &err))
+		return NULL;
+	LOCKED(self, r = devmig_sim_fail_write(self->dev, off, err));
+	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
+}
+
+static PyObject *sim_corrupt(DeviceObject *self, PyObject *arg)
+{
+	unsigned long long off = PyLong_AsUnsignedLongLong(arg);
+	int r;
+
+	if ((off == (unsigned long long)-1 && PyErr_Occurred()) || !alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_sim_corrupt(self->dev, off));
+	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
+}
+
+static PyObject *sim_clear_faults(DeviceObject *self, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_sim_clear_faults(self->dev));
+	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
+}
+
+static PyObject *sim_touch(DeviceObject *self, PyObject *arg)
+{
+	unsigned long long page = PyLong_AsUnsignedLongLong(arg);
+	int r;
+
+	if ((page == (unsigned long long)-1 && PyErr_Occurred()) || !alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_sim_touch(self->dev, page));
+	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
+}
+
+static PyObject *sim_stats(DeviceObject *self, PyObject *unused)
+{
+	struct devmig_sim_stats st;
+	uint64_t dg = 0;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_sim_stats(self->dev, &st); if (r == 0) r = devmig_sim_mem_digest(self->dev, &dg));
+	if (r < 0)
+		return dev_err(self, r);
+	PyObject *path = PyList_New(st.last_path_len);
+	for (int i = 0; path && i < st.last_path_len; i++)
+		PyList_SET_ITEM(path, i, PyLong_FromUnsignedLong(st.last_path[i]));
+	if (!path)
+		return NULL;
+	return Py_BuildValue("{sKsKsNsKsKsK}", "set_state_calls", (unsigned long long)st.set_state_calls,
+			     "reset_calls", (unsigned long long)st.reset_calls, "last_path", path,
+			     "pages_dirtied", (unsigned long long)st.pages_dirtied, "loads",
+			     (unsigned long long)st.loads, "mem_digest", (unsigned long long)dg);
+}
+
+static PyObject *dev_get_flags(DeviceObject *self, void *c)
+{
+	(void)c;
+	return alive(self) ? PyLong_FromUnsignedLongLong(devmig_dev_flags(self->dev)) : NULL;
+}
+static PyObject *dev_get_cached_state(DeviceObject *self, void *c)
+{
+	(void)c;
+	return alive(self) ? PyLong_FromUnsignedLong(devmig_dev_state(self->dev)) : NULL;
+}
+static PyObject *dev_get_data_fd(DeviceObject *self, void *c)
+{
+	(void)c;
+	return alive(self) ? PyLong_FromLong(devmig_data_fd(self->dev)) : NULL;
+}
+static PyObject *dev_get_poisoned(DeviceObject *self, void *c)
+{
+	(void)c;
+	return alive(self) ? PyBool_FromLong(devmig_dev_poisoned(self->dev)) : NULL;
+}
+static PyObject *dev_get_is_sim(DeviceObject *self, void *c)
+{
+	(void)c;
+	return alive(self) ? PyBool_FromLong(devmig_dev_is_sim(self->dev)) : NULL;
+}
+static PyObject *dev_get_desc(DeviceObject *self, void *c)
+{
+	(void)c;
+	if (!alive(self))
+		return NULL;
+	const struct devmig_dev_desc *d = devmig_dev_desc(self->dev);
+	return Py_BuildValue("IIs", d->vendor_id, d->device_id, d->driver);
+}
+
+static PyMethodDef dev_methods[] = {
+	{ "close", (PyCFunction)dev_close, METH_NOARGS, "Release the device." },
+	{ "set_log", (PyCFunction)dev_set_log, METH_O, "Route log lines to a callable(str), or None for stderr." },
+	{ "probe", (PyCFunction)dev_probe, METH_NOARGS, "Read the migration flags from the device." },
+	{ "get_state", (PyCFunction)dev_get_state, METH_NOARGS, "The state the device reports." },
+	{ "set_state", (PyCFunction)dev_set_state, METH_VARARGS, "set_state(to, recover_to) -> data fd or -1." },
+	{ "reset", (PyCFunction)dev_reset, METH_NOARGS, "VFIO_DEVICE_RESET." },
+	{ "read", (PyCFunction)dev_read, METH_O, "Read the data fd: bytes, b'' at the end, None at a temporary end." },
+	{ "write", (PyCFunction)dev_write, METH_O, "Write all of a buffer to the data fd of a RESUMING device." },
+	{ "precopy_info", (PyCFunction)dev_precopy_info, METH_NOARGS, "(initial_bytes, dirty_bytes)." },
+	{ "data_size", (PyCFunction)dev_data_size, METH_NOARGS, "Bytes STOP_COPY still has to send." },
+	{ "save_stream", (PyCFunction)dev_save_stream, METH_O, "Write the device's data as a devmig stream to a path." },
+	{ "load_stream", (PyCFunction)dev_load_stream, METH_O, "Load a devmig stream from a path into a RESUMING device." },
+	{ "sim_fail_arc", (PyCFunction)sim_fail_arc, METH_VARARGS, "Simulated device: fail an arc." },
+	{ "sim_fail_write", (PyCFunction)sim_fail_write, METH_VARARGS, "Simulated device: refuse a write." },
+	{ "sim_corrupt", (PyCFunction)sim_corrupt, METH_O, "Simulated device: corrupt a stream byte." },
+	{ "sim_clear_faults", (PyCFunction)sim_clear_faults, METH_NOARGS, "Simulated device: clear faults." },
+	{ "sim_touch", (PyCFunction)sim_touch, METH_O, "Simulated device: the workload writes a page." },
+	{ "sim_stats", (PyCFunction)sim_stats, METH_NOARGS, "Simulated device: counters." },
+	{ NULL, NULL, 0, NULL },
+};
+
+static PyGetSetDef dev_getset[] = {
+	{ "flags", (getter)dev_get_flags, NULL, "migration flags read at open", NULL },
+	{ "state", (getter)dev_get_cached_state, NULL, "last state the device confirmed", NULL },
+	{ "data_fd", (getter)dev_get_data_fd, NULL, "data fd of the open session or -1", NULL },
+	{ "poisoned", (getter)dev_get_poisoned, NULL, "a resuming write failed; reset first", NULL },
+	{ "is_sim", (getter)dev_get_is_sim, NULL, "a simulated device", NULL },
+	{ "desc", (getter)dev_get_desc, NULL, "(vendor_id, device_id, driver)", NULL },
+	{ NULL, NULL, NULL, NULL, NULL },
+};
+
+static PyTypeObject DeviceType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "devmig_native._native.Device",
+	.tp_basicsize = sizeof(DeviceObject),
+	.tp_dealloc = (destructor)dev_dealloc,
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "A migratable device (VFIO or simulated); made by open_vfio/open_sim.",
+	.tp_methods = dev_methods,
+	.tp_getset = dev_getset,
+};
+
 static PyMethodDef methods[] = {
-	{"version", py_version, METH_NOARGS, "Version of the native core."},
-	{"state_name", py_state_name, METH_O, "Kernel name of a VFIO migration state value."},
-	{"state_from_name", py_state_from_name, METH_O, "Value of a VFIO migration state name."},
-	{NULL, NULL, 0, NULL},
+	{ "version", py_version, METH_NOARGS, "Version of the native core." },
+	{ "state_name", py_state_name, METH_O, "Kernel name of a VFIO migration state value." },
+	{ "state_from_name", py_state_from_name, METH_O, "Value of a VFIO migration state name." },
+	{ "fsm_path", py_fsm_path, METH_VARARGS, "fsm_path(flags, from, to) -> states entered." },
+	{ "open_sim", (PyCFunction)(void (*)(void))py_open_sim, METH_VARARGS | METH_KEYWORDS, "Open a simulated device." },
+	{ "open_vfio", (PyCFunction)(void (*)(void))py_open_vfio, METH_VARARGS | METH_KEYWORDS, "Take a VFIO device fd." },
+	{ NULL, NULL, 0, NULL },
 };
 
 static struct PyModuleDef module = {
@@ -52,5 +594,23 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__native(void);
 PyMODINIT_FUNC PyInit__native(void)
 {
-	return PyModule_Create(&module);
+	PyObject *m;
+
+	if (PyType_Ready(&DeviceType) < 0)
+		return NULL;
+	m = PyModule_Create(&module);
+	if (!m)
+		return NULL;
+	DevmigError = PyErr_NewExceptionWithDoc("devmig_native.DevmigError",
+						"A device operation failed; errno, from_state, to_state.",
+						PyExc_OSError, NULL);
+	StreamError = PyErr_NewExceptionWithDoc("devmig_native.StreamError",
+						"A devmig stream was refused; the device was reset.", DevmigError, NULL);
+	if (!DevmigError || !StreamError || PyModule_AddObjectRef(m, "DevmigError", DevmigError) < 0 ||
+	    PyModule_AddObjectRef(m, "StreamError", StreamError) < 0 ||
+	    PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0) {
+		Py_DECREF(m);
+		return NULL;
+	}
+	return m;
 }
