@@ -36,11 +36,24 @@ def c_build() -> pathlib.Path:
     env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
     if not (BUILD / "build.ninja").exists():
         subprocess.run(
-            [meson, "setup", str(BUILD), str(NATIVE), "-Dtests=true", "-Dpython=false",
-             "-Dbuildtype=debugoptimized", "-Db_sanitize=address,undefined"],
-            check=True, env=env, capture_output=True, text=True,
+            [
+                meson,
+                "setup",
+                str(BUILD),
+                str(NATIVE),
+                "-Dtests=true",
+                "-Dpython=false",
+                "-Dbuildtype=debugoptimized",
+                "-Db_sanitize=address,undefined",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
         )
-    r = subprocess.run([meson, "compile", "-C", str(BUILD)], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [meson, "compile", "-C", str(BUILD)], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, f"C build failed:\n{r.stdout}\n{r.stderr}"
     return BUILD
 
@@ -50,4 +63,6 @@ def test_c_unit_passes(c_build: pathlib.Path, name: str) -> None:
     exe = c_build / name
     assert exe.exists(), f"{name} is not listed in agent-native/meson.build's C tests"
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{name} exited {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+    assert r.returncode == 0, (
+        f"{name} exited {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+    )

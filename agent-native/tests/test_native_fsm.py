@@ -233,3 +233,49 @@ def test_a_failed_recovery_resets_the_device() -> None:
             dev.set_state(SC, SC)  # recovery takes the same broken arc
         assert dev.get_state() == R
         assert dev.stats().reset_calls == 1
+
+
+_STATES = [S, R, SC, RS, RP, PC, PP]
+_ARCS = [(a, b[0]) for (a, _), b in PATHS_ALL.items() if len(b) == 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    flags=st.sampled_from(FLAG_SETS),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([*_STATES, E]),
+            st.sampled_from([*_STATES, E]),
+            st.one_of(st.none(), st.tuples(st.sampled_from(_ARCS), st.booleans())),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_after_any_sequence_of_requests_and_faults_devmig_knows_where_the_device_is(
+    flags: MigFlags,
+    steps: list[tuple[MigState, MigState, tuple[tuple[MigState, MigState], bool] | None]],
+) -> None:
+    with SimDevice(flags=flags, mem_size=8192) as dev:
+        dev.set_log(lambda line: None)
+        for to, recover_to, fault in steps:
+            dev.clear_faults()
+            if fault is not None:
+                (a, b), to_error = fault
+                dev.fail_arc(a, b, errno.EIO, to_error)
+            before = dev.state
+            calls = dev.stats().set_state_calls
+            try:
+                dev.set_state(to, recover_to)
+            except DevmigError as e:
+                assert e.errno in (errno.EINVAL, errno.EIO)
+                if expected_path(flags, before, to) is None:
+                    assert dev.stats().set_state_calls == calls  # refused up front
+                    assert dev.state == before
+            else:
+                assert dev.state == to
+            # The recorded state is the device's, never ERROR (devmig
+            # resets out of it), and a data fd is open exactly in the
+            # states that have a session.
+            assert dev.state == dev.get_state() != E
+            assert (dev.data_fd >= 0) == (dev.state in (SC, PC, PP, RS))

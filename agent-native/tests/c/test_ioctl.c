@@ -33,7 +33,9 @@ static uint64_t fake_flags = DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_
 static uint32_t fake_state = DEVMIG_STATE_RUNNING;
 static int fake_set_errno;   /* next SET fails with this */
 static uint32_t fake_state_after_failure = DEVMIG_STATE_ERROR;
-static int fake_caps_loop;   /* make region 0's chain point at itself */
+static int fake_caps_loop;
+static int32_t fake_irq_fds[16];
+static uint32_t fake_irq_count = 99, fake_irq_start;   /* make region 0's chain point at itself */
 
 /* Region 0: BAR0 of 64 KiB, mmappable except a trapped hole, i.e. a
  * sparse cap with 2 areas, then a type cap. Region 1: no caps. */
@@ -169,6 +171,45 @@ int ioctl(int fd, unsigned long req, ...)
 		r = fake_region_info(arg);
 	} else if (is_dev && req == DEVMIG_VFIO_DEVICE_FEATURE) {
 		r = fake_feature(arg);
+	} else if (is_dev && req == DEVMIG_VFIO_DEVICE_GET_INFO) {
+		struct devmig_vfio_device_info *di = arg;
+
+		/* A 6.1 kernel's struct ends at cap_offset: 20 bytes suffice. */
+		if (di->argsz < 20) {
+			r = -EINVAL;
+		} else {
+			di->flags = DEVMIG_VFIO_DEVICE_FLAGS_PCI | DEVMIG_VFIO_DEVICE_FLAGS_RESET;
+			di->num_regions = 9;
+			di->num_irqs = 5;
+			r = 0;
+		}
+	} else if (is_dev && req == DEVMIG_VFIO_DEVICE_GET_IRQ_INFO) {
+		struct devmig_vfio_irq_info *ii = arg;
+
+		if (ii->argsz < sizeof(*ii) || ii->index > DEVMIG_VFIO_PCI_REQ_IRQ_INDEX) {
+			r = -EINVAL;
+		} else {
+			ii->flags = DEVMIG_VFIO_IRQ_INFO_EVENTFD | DEVMIG_VFIO_IRQ_INFO_NORESIZE;
+			ii->count = ii->index == DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX ? 16 : 1;
+			r = 0;
+		}
+	} else if (is_dev && req == DEVMIG_VFIO_DEVICE_SET_IRQS) {
+		struct devmig_vfio_irq_set *is = arg;
+		uint32_t per = is->flags & DEVMIG_VFIO_IRQ_SET_DATA_EVENTFD ? 4 : 0;
+
+		/* The kernel's checks: argsz covers count entries, one data
+		 * type, and start + count within the index. */
+		r = -EINVAL;
+		if (is->argsz == sizeof(*is) + (size_t)per * is->count && is->start + is->count <= 16 &&
+		    (is->flags & DEVMIG_VFIO_IRQ_SET_ACTION_TRIGGER)) {
+			memcpy(fake_irq_fds, is->data, (size_t)per * is->count);
+			fake_irq_count = is->count;
+			fake_irq_start = is->start;
+			r = 0;
+		}
+	} else if (is_dev && req == DEVMIG_VFIO_GROUP_GET_DEVICE_FD) {
+		/* The fake device fd doubles as its group's fd. */
+		r = strcmp(arg, "0000:3b:00.1") == 0 ? fcntl(fake_fd, F_DUPFD_CLOEXEC, 0) : -ENODEV;
 	} else if (is_dev && req == DEVMIG_VFIO_DEVICE_RESET) {
 		fake_state = DEVMIG_STATE_RUNNING;
 		r = 0;
@@ -220,6 +261,26 @@ int main(void)
 	CHECK(devmig_vfio_get_region_info(fake_fd, 0, &ri) == -EPROTO);
 	CHECK(ri.sparse == NULL);
 	fake_caps_loop = 0;
+
+	/* Device and IRQ info, SET_IRQS framing. */
+	struct devmig_vfio_device_info di;
+	CHECK(devmig_vfio_device_get_info(fake_fd, &di) == 0);
+	CHECK(di.num_regions == 9 && di.num_irqs == 5 && (di.flags & DEVMIG_VFIO_DEVICE_FLAGS_PCI));
+	struct devmig_vfio_irq_info ii;
+	CHECK(devmig_vfio_get_irq_info(fake_fd, DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX, &ii) == 0);
+	CHECK(ii.count == 16 && (ii.flags & DEVMIG_VFIO_IRQ_INFO_EVENTFD));
+	CHECK(devmig_vfio_get_irq_info(fake_fd, 7, &ii) == -EINVAL);
+	int32_t efds[3] = { 11, 12, 13 };
+	CHECK(devmig_vfio_set_irqs_eventfd(fake_fd, DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX, 2, 3, efds) == 0);
+	CHECK(fake_irq_count == 3 && fake_irq_start == 2 && fake_irq_fds[2] == 13);
+	CHECK(devmig_vfio_set_irqs_eventfd(fake_fd, DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX, 0, 0, NULL) == 0);
+	CHECK(fake_irq_count == 0);
+	CHECK(devmig_vfio_set_irqs_eventfd(fake_fd, DEVMIG_VFIO_PCI_MSIX_IRQ_INDEX, 15, 2, efds) == -EINVAL);
+	/* The group hands out a device fd by name. */
+	int gdev = devmig_vfio_group_get_device_fd(fake_fd, "0000:3b:00.1");
+	CHECK(gdev >= 0 && same_file(gdev, fake_fd));
+	close(gdev);
+	CHECK(devmig_vfio_group_get_device_fd(fake_fd, "0000:3b:00.2") == -ENODEV);
 
 	/* Feature framing. */
 	CHECK(devmig_vfio_feature_probe(fake_fd, 1, DEVMIG_VFIO_DEVICE_FEATURE_GET) == 0);
