@@ -13,6 +13,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from devmig_testbed import objects
+
 GROUP, VERSION = "devmig.io", "v1alpha1"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
@@ -82,6 +84,15 @@ def installed(
         c: control_plane.api_client(control_plane.service_account_kubeconfig(namespace, sa))
         for c, sa in sas.items()
     }
+
+    # The RBAC authorizer learns of new bindings through a watch: wait until
+    # the last-created binding of each ServiceAccount is in effect.
+    def bound() -> None:
+        assert _allowed(apis["operator"], "coordination.k8s.io", "leases", "create", namespace)
+        assert _allowed(apis["operator"], GROUP, "devicemigrations", "list", "")
+        assert _allowed(apis["agent"], GROUP, "nodedeviceinventories", "create", "")
+
+    objects.eventually(bound, what="the chart's RBAC reaching the authorizer")
     try:
         yield Installed(docs, namespace, apis)
     finally:
@@ -281,6 +292,75 @@ def test_the_operator_can_do_its_work_with_real_requests(installed: Installed, k
     assert _status(client.ApiextensionsV1Api(op).list_custom_resource_definition) == 200
 
 
+def test_the_operators_own_code_paths_work_under_the_charts_rbac(
+    installed: Installed, kube: Any
+) -> None:
+    """The operator's Kubernetes calls, made by its own functions with the
+    ServiceAccount's token: the Cluster facade, device claims, the session key."""
+    from devmig_operator import agents, placement
+    from devmig_operator.cluster import Cluster
+
+    ns = installed.namespace
+    op = installed.apis["operator"]
+    cluster = Cluster(op, ns)
+    assert cluster.get_vmi(ns, "absent") is None
+    assert cluster.get_inventory("absent-node") is None
+    assert isinstance(cluster.list_inventories(), list)
+    assert isinstance(cluster.schedulable_nodes(), set)
+    dm = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DeviceMigration",
+        "metadata": {"name": "auto-1", "namespace": ns},
+        "spec": {"vmiName": "vm-1"},
+    }
+    assert cluster.create_dm_if_absent(dm) is True
+    assert cluster.create_dm_if_absent(dm) is False
+    cluster.patch_dm_status(ns, "auto-1", {"phase": "Validating"})
+    got = cluster.get_dm(ns, "auto-1")
+    assert got is not None and got["status"]["phase"] == "Validating"
+
+    coord = client.CoordinationV1Api(op)
+    choice = placement.Choice(
+        source_device="0000:01:00.0", target_node="node-b", target_device="0000:02:00.0"
+    )
+    who = placement.holder(ns, "auto-1", got["metadata"]["uid"])
+    assert placement.claim(coord, ns, choice, who) is True
+    assert placement.claim(coord, ns, choice, who) is True  # idempotent
+    assert placement.claim(coord, ns, choice, f"{ns}/other/uid") is False
+    assert placement.claims(coord, ns) == {("node-b", "0000:02:00.0"): who}
+    placement.release(coord, ns, "node-b", "0000:02:00.0", who)
+    assert placement.claims(coord, ns) == {}
+
+    chart_key = next(d for d in installed.docs if d["metadata"]["name"] == "devmig-session-key")
+    import base64
+
+    key = agents.session_key(client.CoreV1Api(op), ns)
+    assert key == base64.b64decode(chart_key["data"]["key"])
+
+    # kopf's bookkeeping on a KubeVirt migration it handles (auto mode).
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(
+        "kubevirt.io",
+        "v1",
+        ns,
+        "virtualmachineinstancemigrations",
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "mig-1"},
+            "spec": {"vmiName": "vm-1"},
+        },
+    )
+    patched = client.CustomObjectsApi(op).patch_namespaced_custom_object(
+        "kubevirt.io",
+        "v1",
+        ns,
+        "virtualmachineinstancemigrations",
+        "mig-1",
+        {"metadata": {"annotations": {"devmig.io/last-handled-configuration": "{}"}}},
+    )
+    assert "devmig.io/last-handled-configuration" in patched["metadata"]["annotations"]
+
+
 def test_the_operator_cannot_do_what_it_does_not_need(installed: Installed) -> None:
     ns = installed.namespace
     op = installed.apis["operator"]
@@ -299,20 +379,17 @@ def test_the_operator_cannot_do_what_it_does_not_need(installed: Installed) -> N
     )
     assert (
         _status(
-            co.create_namespaced_custom_object,
-            GROUP,
-            VERSION,
+            co.patch_namespaced_custom_object,
+            "kubevirt.io",
+            "v1",
             ns,
-            "devicemigrations",
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "DeviceMigration",
-                "metadata": {"name": "x"},
-                "spec": {"vmiName": "vm"},
-            },
+            "virtualmachineinstances",
+            "vm-1",
+            {"metadata": {"annotations": {"x": "y"}}},
         )
         == 403
     )
+    assert not _allowed(op, "coordination.k8s.io", "leases", "update", ns)
     lease = client.V1Lease(metadata=client.V1ObjectMeta(name="elsewhere"))
     assert _status(client.CoordinationV1Api(op).create_namespaced_lease, "default", lease) == 403
     assert (
