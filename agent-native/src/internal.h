@@ -11,7 +11,9 @@
 
 /* What a device backend provides. Each op is one device operation with the
  * kernel's semantics and returns 0/positive or -errno; the state machine
- * logic, logging and recovery live above, in fsm.c and data.c. */
+ * logic, logging and recovery live above, in fsm.c and data.c. Regions
+ * (info with sparse mmap, read/write, mmap), IRQs and DMA dirty logging
+ * join as further ops beside these, implemented by both backends. */
 struct devmig_dev_ops {
 	const char *kind; /* "vfio", "sim" */
 	int (*mig_flags)(struct devmig_dev *d, uint64_t *flags);

@@ -143,6 +143,7 @@ enum dec_state { D_HEADER, D_FRAME_HDR, D_PAYLOAD, D_DONE, D_FAILED };
 
 struct devmig_stream_dec {
 	enum dec_state st;
+	bool have_header; /* got and expected_size are valid */
 	bool check_dev;
 	struct devmig_dev_desc want, got;
 	uint64_t expected_size;
@@ -214,6 +215,7 @@ static int header_done(struct devmig_stream_dec *d)
 	d->got.device_id = get16(h + 14);
 	memcpy(d->got.driver, h + 16, sizeof(d->got.driver) - 1);
 	d->expected_size = get64(h + 48);
+	d->have_header = true;
 	if (d->check_dev &&
 	    (d->got.vendor_id != d->want.vendor_id || d->got.device_id != d->want.device_id ||
 	     strncmp(d->got.driver, d->want.driver, sizeof(d->got.driver)) != 0))
@@ -333,7 +335,7 @@ const char *devmig_stream_dec_why(const struct devmig_stream_dec *d)
 int devmig_stream_dec_header(const struct devmig_stream_dec *d, struct devmig_dev_desc *desc,
 			     uint64_t *expected_size)
 {
-	if (d->st == D_HEADER || (d->st == D_FAILED && !d->got.driver[0] && !d->got.vendor_id))
+	if (!d->have_header)
 		return -ENODATA;
 	if (desc)
 		*desc = d->got;

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from devmig_native import DevmigError, MigFlags, MigState, SimDevice
+from devmig_native import Device, DevmigError, MigFlags, MigState, SimDevice
 
 PAGE = 4096
 REC = 16 + PAGE  # the simulated device's record per page
@@ -175,3 +175,9 @@ def test_a_closed_device_refuses_every_call() -> None:
     with pytest.raises(ValueError):
         dev.get_state()
     dev.close()  # idempotent
+
+
+def test_a_fd_that_is_not_a_vfio_device_is_refused_with_the_kernels_errno() -> None:
+    with open(os.devnull, "rb") as f, pytest.raises(DevmigError) as ei:
+        Device.open_vfio(f.fileno())
+    assert ei.value.errno == errno.ENOTTY

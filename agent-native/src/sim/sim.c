@@ -86,7 +86,8 @@ static uint64_t fnv1a(const void *buf, size_t len, uint64_t h)
 }
 #define FNV_BASIS 0xcbf29ce484222325ull
 
-/* xorshift64: a reproducible page choice for the workload. */
+/* Marsaglia's xorshift64 (shifts 13, 7, 17: a full-period triple): a
+ * reproducible page choice for the workload. */
 static uint64_t rng_next(struct sim *s)
 {
 	s->rng ^= s->rng << 13;
@@ -153,7 +154,7 @@ static int append(struct sim *s, const void *buf, size_t len)
 		s->corrupt = false;
 		if (at && append(s, p, at) < 0)
 			return -EIO;
-		flipped = p[at] ^ 0x5a;
+		flipped = p[at] ^ 0x5a; /* any non-zero mask changes the byte */
 		if (append(s, &flipped, 1) < 0)
 			return -EIO;
 		return len - at - 1 ? append(s, p + at + 1, len - at - 1) : 0;
@@ -602,7 +603,7 @@ int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev *
 	}
 	s->flags = cfg->flags ? cfg->flags : (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY);
 	s->dirty_per_mib = cfg->dirty_pages_per_mib;
-	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* xorshift needs non-zero */
+	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* non-zero (xorshift's fixed point is 0): 2^64 / golden ratio */
 	s->state = DEVMIG_STATE_RUNNING;
 	s->sess_fd = -1;
 	s->mem = malloc(s->npages * PAGE);

@@ -100,7 +100,13 @@ static void test_live_migration(void)
 	CHECK(devmig_sim_touch(src, 1) == -EBUSY); /* stopped: nothing changes */
 	want = digest(src);
 	CHECK(devmig_precopy_info(src, &pi) == -EINVAL);
+	/* The STOP_COPY estimate shrinks as the rest is read. */
+	CHECK(devmig_data_size(src, &size0) == 0 && size0 >= 2 * 4112 + 16);
+	CHECK(devmig_data_read(src, buf, 4112) == 4112);
+	CHECK(to_dev(dst, buf, 4112) == 0);
+	CHECK(devmig_data_size(src, &size1) == 0 && size1 == size0 - 4112);
 	CHECK(devmig_data_drain(src, to_dev, dst, &moved) == 1);
+	CHECK(devmig_data_size(src, &size1) == 0 && size1 == 0);
 	CHECK(devmig_data_read(src, buf, 1) == 0);
 	CHECK(devmig_set_state(src, DEVMIG_STATE_STOP, DEVMIG_STATE_ERROR, NULL) == 0);
 	CHECK(devmig_data_fd(src) == -1);

@@ -170,7 +170,9 @@ static void test_decoder(void)
 	/* Errors stick. */
 	struct devmig_stream_dec *d;
 	CHECK(devmig_stream_dec_new(NULL, NULL, NULL, &d) == 0);
+	CHECK(devmig_stream_dec_header(d, NULL, NULL) == -ENODATA);
 	CHECK(devmig_stream_dec_feed(d, "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", 64) == -EPROTO);
+	CHECK(devmig_stream_dec_header(d, NULL, NULL) == -ENODATA);
 	CHECK(devmig_stream_dec_feed(d, s.b, s.len) == -EPROTO);
 	CHECK(devmig_stream_dec_finish(d) == -EPROTO);
 	devmig_stream_dec_free(d);
@@ -184,6 +186,61 @@ static void test_decoder(void)
 	devmig_stream_dec_free(d);
 	free(b);
 	free(s.b);
+}
+
+/* Random damage, deterministic seed: 2000 streams of random frame sizes,
+ * each cut, spliced or overwritten at random places, fed in random
+ * pieces. A damaged stream is never accepted, an intact one always is,
+ * and no payload byte reaches the sink that was not in the original. */
+static void test_decoder_random_damage(void)
+{
+	uint64_t rng = 0x2545F4914F6CDD1Dull;
+#define RND() (rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17, rng)
+
+	for (int iter = 0; iter < 2000; iter++) {
+		int nframes = (int)(RND() % 4) + 1;
+		size_t fsz = RND() % 300 + 1;
+		struct mem s = make_stream(&DESC, nframes, fsz), out = { 0 };
+		uint8_t *b = malloc(s.len + 64);
+		size_t len = s.len;
+		int kind = (int)(RND() % 4);
+
+		memcpy(b, s.b, s.len);
+		if (kind == 1) {
+			len = RND() % s.len; /* cut */
+		} else if (kind == 2) {
+			size_t at = RND() % s.len, n = RND() % 8 + 1;
+
+			for (size_t i = 0; i < n && at + i < len; i++)
+				b[at + i] ^= (uint8_t)(RND() % 255 + 1); /* never a no-op */
+		} else if (kind == 3) {
+			size_t from = RND() % s.len, to = RND() % s.len, n = RND() % 40 + 1;
+
+			if (from + n > s.len)
+				n = s.len - from;
+			if (to + n > s.len)
+				n = s.len - to;
+			memmove(b + to, s.b + from, n); /* splice bytes of itself */
+			if (memcmp(b, s.b, s.len) == 0)
+				kind = 0;
+		}
+		int r = decode(b, len, RND() % 700 + 1, &out, NULL);
+
+		if (kind == 0)
+			CHECK(r == 0 && out.len == (size_t)nframes * fsz);
+		else
+			CHECK(r < 0);
+		/* Whatever was handed on is a prefix of the true payload. */
+		for (size_t i = 0; i < out.len; i++)
+			if (out.b[i] != (uint8_t)(i % fsz == 0 ? i / fsz : (i % fsz) * 31 + 7)) {
+				CHECK(!"payload byte not from the original");
+				break;
+			}
+		free(out.b);
+		free(b);
+		free(s.b);
+	}
+#undef RND
 }
 
 /* ---- device paths ---- */
@@ -350,6 +407,7 @@ static void test_device_paths(void)
 int main(void)
 {
 	test_decoder();
+	test_decoder_random_damage();
 	test_device_paths();
 	CHECK_DONE();
 }
