@@ -279,6 +279,14 @@ def test_restricted_nodes_reach_the_pods_scheduling_fields(helm: Any, find_one: 
     assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
+def test_clusters_older_than_cel_rules_are_refused(helm: Any) -> None:
+    # The CRDs use CEL validation rules, GA in Kubernetes 1.29.
+    proc = helm.run("template", "devmig", str(CHART), "--kube-version", "v1.28.9", check=False)
+    assert proc.returncode != 0
+    assert "kubeVersion" in proc.stderr or "incompatible" in proc.stderr.lower(), proc.stderr
+    assert helm.run("template", "devmig", str(CHART), "--kube-version", "v1.29.0").returncode == 0
+
+
 def test_notes_say_how_to_check_the_install_and_start_a_migration(helm: Any) -> None:
     out = helm.run(
         "install", "devmig", str(CHART), "--dry-run=client", "--namespace", "devmig-system"

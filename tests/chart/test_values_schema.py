@@ -33,6 +33,18 @@ def test_the_committed_schema_is_what_the_generator_makes_of_values_yaml() -> No
     assert (CHART / "values.schema.json").read_text() == want
 
 
+def test_the_readme_values_table_is_generated_from_the_same_comments() -> None:
+    gen = _gen()
+    text = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    assert gen.values_table(text) in readme
+    table = gen.values_table(text)
+    for key in ("agent.privileged", "crds.keep", "certManager.issuerRef.kind", "tests.enabled"):
+        assert f"| `{key}` |" in table, key
+    changed = text.replace("# Render the test Pod.", "# Render the handshake test Pod.")
+    assert gen.readme_with_table(readme, gen.values_table(changed)) != readme
+
+
 def test_the_generator_reports_drift_when_values_change(tmp_path: pathlib.Path) -> None:
     gen = _gen()
     text = (CHART / "values.yaml").read_text()
