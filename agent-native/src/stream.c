@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "devmig/stream.h"
@@ -51,9 +52,17 @@ int devmig_fd_write_all(void *ctx, const void *buf, size_t len)
 	int fd = *(int *)ctx;
 	const uint8_t *p = buf;
 
-	while (len) {
-		ssize_t n = write(fd, p, len);
+	bool sock = true;
 
+	while (len) {
+		/* On a socket, send() with MSG_NOSIGNAL: a peer that went away
+		 * is an EPIPE to handle, not a SIGPIPE that kills the agent. */
+		ssize_t n = sock ? send(fd, p, len, MSG_NOSIGNAL) : write(fd, p, len);
+
+		if (n < 0 && sock && errno == ENOTSOCK) {
+			sock = false;
+			continue;
+		}
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import pathlib
+import socket
 import struct
+import threading
 
 import pytest
 
@@ -169,3 +171,57 @@ def crc32c(data: bytes) -> int:
 
 def test_the_independent_crc32c_matches_the_standard_vector() -> None:
     assert crc32c(b"123456789") == 0xE3069283
+
+
+def test_a_device_migrates_over_a_socket_with_sender_and_receiver_in_parallel() -> None:
+    # 4 MiB of state is far more than a socket buffer holds: the sender can
+    # only finish while the receiver runs at the same time, without the GIL.
+    with (
+        quiet(SimDevice(mem_size=1024 * PAGE, dirty_pages_per_mib=32, seed=11)) as src,
+        quiet(SimDevice(mem_size=1024 * PAGE, seed=12)) as dst,
+    ):
+        dst.set_state(MigState.RESUMING, MigState.RUNNING)
+        src.set_state(MigState.PRE_COPY, MigState.RUNNING)
+        a, b = socket.socketpair()
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                src.send_stream(a.fileno())
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+            finally:
+                a.shutdown(socket.SHUT_WR)
+
+        def receive() -> None:
+            try:
+                dst.receive_stream(b.fileno())
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=send), threading.Thread(target=receive)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        a.close()
+        b.close()
+        assert errors == []
+        assert src.state == MigState.STOP_COPY and dst.state == MigState.STOP
+        dst.set_state(MigState.RUNNING, MigState.ERROR)
+        assert dst.stats().mem_digest == src.stats().mem_digest
+
+
+def test_a_connection_lost_midway_resets_the_target(saved: tuple[pathlib.Path, int]) -> None:
+    path, digest = saved
+    blob = path.read_bytes()
+    a, b = socket.socketpair()
+    with target() as dst:
+        a.sendall(blob[: len(blob) // 2])
+        a.close()  # the peer is gone
+        with pytest.raises(StreamError) as ei:
+            dst.receive_stream(b.fileno())
+        b.close()
+        assert ei.value.errno == errno.ENODATA
+        assert dst.get_state() == MigState.RUNNING
+        assert dst.stats().reset_calls == 1 and dst.stats().mem_digest != digest

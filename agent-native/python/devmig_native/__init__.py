@@ -176,6 +176,15 @@ class Device:
         Raises StreamError (the device reset) unless it all verified."""
         self._h.load_stream(os.fspath(path))
 
+    def send_stream(self, fd: int) -> int:
+        """As save_stream, onto an open fd (a socket to the target). The
+        caller ends the stream with shutdown/close. Runs without the GIL."""
+        return self._h.send_stream(fd)
+
+    def receive_stream(self, fd: int) -> None:
+        """As load_stream, from an open fd, until its end of file."""
+        self._h.receive_stream(fd)
+
 
 @dataclasses.dataclass(frozen=True)
 class SimStats:

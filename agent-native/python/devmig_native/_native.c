@@ -420,6 +420,33 @@ static PyObject *dev_load_stream(DeviceObject *self, PyObject *arg)
 	Py_RETURN_NONE;
 }
 
+/* The same paths over a caller's fd (a socket to the peer agent). */
+static PyObject *dev_send_stream(DeviceObject *self, PyObject *arg)
+{
+	int fd = PyObject_AsFileDescriptor(arg);
+	long r;
+
+	if (fd < 0 || !alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_stream_save(self->dev, fd));
+	if (r < 0)
+		return dev_err(self, (int)r);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *dev_receive_stream(DeviceObject *self, PyObject *arg)
+{
+	int fd = PyObject_AsFileDescriptor(arg);
+	int r;
+
+	if (fd < 0 || !alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_stream_load(self->dev, fd));
+	if (r < 0)
+		return raise_err(StreamError, r, "RESUMING", "STOP");
+	Py_RETURN_NONE;
+}
+
 /* ---- simulated device controls ---- */
 
 static PyObject *sim_fail_arc(DeviceObject *self, PyObject *args)
@@ -547,6 +574,8 @@ static PyMethodDef dev_methods[] = {
 	{ "data_size", (PyCFunction)dev_data_size, METH_NOARGS, "Bytes STOP_COPY still has to send." },
 	{ "save_stream", (PyCFunction)dev_save_stream, METH_O, "Write the device's data as a devmig stream to a path." },
 	{ "load_stream", (PyCFunction)dev_load_stream, METH_O, "Load a devmig stream from a path into a RESUMING device." },
+	{ "send_stream", (PyCFunction)dev_send_stream, METH_O, "Write the device's data as a devmig stream to a fd." },
+	{ "receive_stream", (PyCFunction)dev_receive_stream, METH_O, "Load a devmig stream from a fd (until EOF)." },
 	{ "sim_fail_arc", (PyCFunction)sim_fail_arc, METH_VARARGS, "Simulated device: fail an arc." },
 	{ "sim_fail_write", (PyCFunction)sim_fail_write, METH_VARARGS, "Simulated device: refuse a write." },
 	{ "sim_corrupt", (PyCFunction)sim_corrupt, METH_O, "Simulated device: corrupt a stream byte." },

@@ -3,6 +3,7 @@
  * verify, and is reset instead. */
 #include <errno.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -393,6 +394,16 @@ static void test_device_paths(void)
 	fd = save(src, DEVMIG_STATE_STOP_COPY);
 	expect_refused(dst, load(dst, fd), -EIO, 2);
 	close(fd);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
+
+	/* A peer that went away is an error, not a SIGPIPE (which would end
+	 * this test process). */
+	int sv[2];
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+	close(sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_stream_save(src, sv[0]) == -EPIPE);
+	close(sv[0]);
 	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_RUNNING, NULL) == 0);
 
 	/* Not RESUMING: nothing is read. */
