@@ -35,6 +35,18 @@ def test_the_api_server_accepts_every_rendered_object_in_a_dry_run(
     helm: Any, server: Any, namespace: str, release: str, values: pathlib.Path | None
 ) -> None:
     docs = helm.template([values] if values else [], release=release, namespace=namespace)
+    # Namespaces a scenario names besides the release's (served tenants)
+    # must exist for the API server to accept objects in them.
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(server.api)
+    for ns in {d["metadata"].get("namespace") for d in docs} - {None, namespace}:
+        try:
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        except ApiException as e:
+            if e.status != 409:
+                raise
     results = []
     for obj in docs:
         if obj["kind"] == "CustomResourceDefinition":

@@ -56,6 +56,8 @@ def test_helm_template_renders_labelled_well_formed_objects(
     helm: Any, values: pathlib.Path | None
 ) -> None:
     docs = helm.template([values] if values else [])
+    given = yaml.safe_load(values.read_text()) if values else {}
+    served = given.get("operator", {}).get("watchNamespaces", [])
     assert len(docs) >= 15
     cluster_scoped = {
         "CustomResourceDefinition",
@@ -72,6 +74,9 @@ def test_helm_template_renders_labelled_well_formed_objects(
         assert labels.get("app.kubernetes.io/managed-by") == "Helm"
         if d["kind"] in cluster_scoped:
             assert "namespace" not in meta
+        elif meta["name"].endswith("-operator-watch"):
+            # Rights in a namespace the operator serves (operator.watchNamespaces).
+            assert meta["namespace"] in served, meta
         else:
             assert meta["namespace"] == "devmig-system", (d["kind"], meta["name"])
         assert len(meta["name"]) <= 63

@@ -20,17 +20,25 @@ def _operator_container(helm: Any, find_one: Any, *sets: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("sets", "metrics", "liveness", "verbose"),
+    ("sets", "metrics", "liveness", "verbose", "served"),
     [
-        ((), 8080, "http://0.0.0.0:8081/healthz", False),
+        ((), 8080, "http://0.0.0.0:8081/healthz", False, []),
         (
             ("operator.metricsPort=9400", "operator.healthPort=9401", "operator.logLevel=DEBUG"),
             9400,
             "http://0.0.0.0:9401/healthz",
             True,
+            [],
+        ),
+        (
+            ("operator.watchNamespaces={tenant-a,tenant-b}",),
+            8080,
+            "http://0.0.0.0:8081/healthz",
+            False,
+            ["tenant-a", "tenant-b"],
         ),
     ],
-    ids=["defaults", "moved-ports-and-debug"],
+    ids=["defaults", "moved-ports-and-debug", "served-namespaces"],
 )
 def test_the_operator_command_line_is_accepted_by_the_operators_own_parser(
     helm: Any,
@@ -40,6 +48,7 @@ def test_the_operator_command_line_is_accepted_by_the_operators_own_parser(
     metrics: int,
     liveness: str,
     verbose: bool,
+    served: list[str],
 ) -> None:
     import kopf
     import prometheus_client
@@ -66,7 +75,8 @@ def test_the_operator_command_line_is_accepted_by_the_operators_own_parser(
     assert entry.main(c["args"]) == 0
     assert started["metrics"] == metrics
     assert started["liveness_endpoint"] == liveness
-    assert started["clusterwide"] is True
+    assert started["clusterwide"] is (not served)
+    assert list(started["namespaces"]) == served
     assert (started["log"]["level"] == entry.logging.DEBUG) is verbose
     # The container exposes what the operator serves.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

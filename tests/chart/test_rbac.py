@@ -4,6 +4,7 @@ nothing more."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -48,20 +49,27 @@ class Installed:
         return out
 
 
-@pytest.fixture
-def installed(
-    helm: Any, control_plane: Any, kube: Any, namespace: str, release: str
+@contextlib.contextmanager
+def install_rbac(
+    helm: Any,
+    control_plane: Any,
+    kube: Any,
+    namespace: str,
+    release: str,
+    set_values: tuple[str, ...] = (),
 ) -> Iterator[Installed]:
-    docs = helm.template(release=release, namespace=namespace)
+    """Create the rendered ServiceAccounts, Secrets and RBAC for real, and
+    API clients authenticated as the two ServiceAccounts."""
+    docs = helm.template(release=release, namespace=namespace, set_values=set_values)
     core = client.CoreV1Api(kube)
     rbac = client.RbacAuthorizationV1Api(kube)
     made: list[tuple[Any, str]] = []
     for d in docs:
-        k = d["kind"]
+        k, ns = d["kind"], d["metadata"].get("namespace", namespace)
         if k == "ServiceAccount":
-            core.create_namespaced_service_account(namespace, d)
+            core.create_namespaced_service_account(ns, d)
         elif k == "Secret":
-            core.create_namespaced_secret(namespace, d)
+            core.create_namespaced_secret(ns, d)
         elif k == "ClusterRole":
             rbac.create_cluster_role(d)
             made.append((rbac.delete_cluster_role, d["metadata"]["name"]))
@@ -69,9 +77,9 @@ def installed(
             rbac.create_cluster_role_binding(d)
             made.append((rbac.delete_cluster_role_binding, d["metadata"]["name"]))
         elif k == "Role":
-            rbac.create_namespaced_role(namespace, d)
+            rbac.create_namespaced_role(ns, d)
         elif k == "RoleBinding":
-            rbac.create_namespaced_role_binding(namespace, d)
+            rbac.create_namespaced_role_binding(ns, d)
     sas = {
         c: next(
             d["metadata"]["name"]
@@ -84,12 +92,18 @@ def installed(
         c: control_plane.api_client(control_plane.service_account_kubeconfig(namespace, sa))
         for c, sa in sas.items()
     }
+    served = [
+        d["metadata"]["namespace"]
+        for d in docs
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-operator-watch")
+    ]
 
     # The RBAC authorizer learns of new bindings through a watch: wait until
     # the last-created binding of each ServiceAccount is in effect.
     def bound() -> None:
         assert _allowed(apis["operator"], "coordination.k8s.io", "leases", "create", namespace)
-        assert _allowed(apis["operator"], GROUP, "devicemigrations", "list", "")
+        for ns in served or [""]:
+            assert _allowed(apis["operator"], GROUP, "devicemigrations", "list", ns)
         assert _allowed(apis["agent"], GROUP, "nodedeviceinventories", "create", "")
 
     objects.eventually(bound, what="the chart's RBAC reaching the authorizer")
@@ -100,6 +114,14 @@ def installed(
             a.close()
         for delete, name in made:
             delete(name)
+
+
+@pytest.fixture
+def installed(
+    helm: Any, control_plane: Any, kube: Any, namespace: str, release: str
+) -> Iterator[Installed]:
+    with install_rbac(helm, control_plane, kube, namespace, release) as inst:
+        yield inst
 
 
 def _allowed(api: Any, group: str, resource: str, verb: str, ns: str, name: str = "") -> bool:
@@ -179,13 +201,19 @@ def test_no_rule_uses_wildcards_or_escalating_verbs(installed: Installed) -> Non
 
 
 def test_every_rule_carries_a_comment_naming_the_code_path_that_uses_it(helm: Any) -> None:
-    text = helm.template_text(set_values=["operator.peering.enabled=true", "operator.replicas=2"])
+    text = helm.template_text(
+        set_values=[
+            "operator.peering.enabled=true",
+            "operator.replicas=2",
+            "operator.watchNamespaces={tenant-a}",
+        ]
+    )
     checked = 0
     for doc in text.split("\n---\n"):
         m = re.search(r"^kind: (ClusterRole|Role)$", doc, re.M)
         if not m:
             continue
-        component = re.search(r"^  name: \S+-(operator|agent)$", doc, re.M)
+        component = re.search(r"^  name: \S+-(operator|agent)(?:-watch)?$", doc, re.M)
         assert component, doc[:200]
         lines = doc.splitlines()
         for i, line in enumerate(lines):
@@ -486,3 +514,50 @@ def test_the_agent_cannot_touch_migrations_secrets_or_other_nodes(
     assert _status(core.patch_node, "any", {"metadata": {"labels": {"x": "y"}}}) == 403
     assert _status(core.create_namespaced_pod, ns, {"metadata": {"name": "p"}}) == 403
     assert _status(client.CoordinationV1Api(agent).list_namespaced_lease, ns) == 403
+
+
+def test_an_operator_serving_listed_namespaces_has_rights_there_only(
+    helm: Any, control_plane: Any, kube: Any, namespace: str, release: str
+) -> None:
+    served = f"{namespace}-served"
+    core = client.CoreV1Api(kube)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=served)))
+    try:
+        with install_rbac(
+            helm,
+            control_plane,
+            kube,
+            namespace,
+            release,
+            (f"operator.watchNamespaces={{{served}}}",),
+        ) as inst:
+            op = inst.apis["operator"]
+            co = client.CustomObjectsApi(op)
+            assert (
+                _status(
+                    co.list_namespaced_custom_object, GROUP, VERSION, served, "devicemigrations"
+                )
+                == 200
+            )
+            assert _allowed(op, GROUP, "devicemigrations/status", "patch", served)
+            assert _allowed(op, "kubevirt.io", "virtualmachineinstances", "watch", served)
+            assert _allowed(op, "", "events", "create", served)
+            # Not in the release namespace, not in others, not cluster-wide.
+            for ns in (namespace, "default"):
+                assert (
+                    _status(
+                        co.list_namespaced_custom_object, GROUP, VERSION, ns, "devicemigrations"
+                    )
+                    == 403
+                )
+                assert not _allowed(op, "kubevirt.io", "virtualmachineinstances", "get", ns)
+            assert _status(co.list_cluster_custom_object, GROUP, VERSION, "devicemigrations") == 403
+            # What the operator needs wherever it serves stays cluster-wide.
+            assert (
+                _status(co.list_cluster_custom_object, GROUP, VERSION, "nodedeviceinventories")
+                == 200
+            )
+            assert _status(client.CoreV1Api(op).list_node) == 200
+            assert _allowed(op, "coordination.k8s.io", "leases", "create", namespace)
+    finally:
+        core.delete_namespace(served)
