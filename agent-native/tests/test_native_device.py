@@ -181,3 +181,15 @@ def test_a_fd_that_is_not_a_vfio_device_is_refused_with_the_kernels_errno() -> N
     with open(os.devnull, "rb") as f, pytest.raises(DevmigError) as ei:
         Device.open_vfio(f.fileno())
     assert ei.value.errno == errno.ENOTTY
+
+
+@pytest.mark.parametrize("enomsg", [False, True], ids=["read-0", "ENOMSG"])
+def test_both_spellings_of_the_pre_copy_temporary_end_read_as_none(enomsg: bool) -> None:
+    with quiet(SimDevice(mem_size=2 * PAGE, precopy_end_enomsg=enomsg)) as dev:
+        dev.set_state(MigState.PRE_COPY, MigState.RUNNING)
+        data, done = drain(dev)
+        assert len(data) == HDR + 2 * REC and not done
+        assert dev.read(10) is None
+        dev.set_state(MigState.STOP_COPY, MigState.RUNNING)
+        rest, done = drain(dev)
+        assert len(rest) == END and done

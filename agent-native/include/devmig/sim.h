@@ -31,6 +31,10 @@ struct devmig_sim_config {
 	 * to time so every run is reproducible. */
 	uint32_t dirty_pages_per_mib;
 	uint64_t seed; /* initial memory content and workload page choice */
+	/* PRE_COPY's temporary end through the device's read op: 0 (mtty's
+	 * way, and what a raw read() of the fd gives) or, when set, -ENOMSG
+	 * as the uAPI documents it (mlx5, virtio). */
+	int precopy_end_enomsg;
 	struct devmig_dev_desc desc; /* all zero: 1b36:0001 "devmig-sim" */
 };
 

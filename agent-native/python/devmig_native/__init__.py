@@ -208,9 +208,19 @@ class SimDevice(Device):
         vendor_id: int = 0,
         device_id: int = 0,
         driver: str | None = None,
+        precopy_end_enomsg: bool = False,
     ) -> None:
+        # precopy_end_enomsg: PRE_COPY's temporary end as -ENOMSG (mlx5's
+        # way) instead of a read of 0 (mtty's); read() gives None for both.
         handle = _native.open_sim(
-            int(flags), mem_size, dirty_pages_per_mib, seed, vendor_id, device_id, driver
+            int(flags),
+            mem_size,
+            dirty_pages_per_mib,
+            seed,
+            vendor_id,
+            device_id,
+            driver,
+            precopy_end_enomsg,
         )
         super().__init__(handle)
 

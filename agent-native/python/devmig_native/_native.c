@@ -162,23 +162,25 @@ static void fill_desc(struct devmig_dev_desc *desc, unsigned int vendor, unsigne
 static PyObject *py_open_sim(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "flags", "mem_size", "dirty_pages_per_mib", "seed", "vendor_id",
-				  "device_id", "driver", NULL };
+				  "device_id", "driver", "precopy_end_enomsg", NULL };
 	unsigned long long flags = 0, mem = 0, seed = 0;
 	unsigned int rate = 0, vendor = 0, device = 0;
+	int enomsg = 0;
 	const char *driver = NULL;
 	struct devmig_sim_config cfg;
 	struct devmig_dev *d;
 	int r;
 
 	(void)self;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKIKIIz", kwlist, &flags, &mem, &rate, &seed, &vendor,
-					 &device, &driver))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKIKIIzp", kwlist, &flags, &mem, &rate, &seed, &vendor,
+					 &device, &driver, &enomsg))
 		return NULL;
 	memset(&cfg, 0, sizeof(cfg));
 	cfg.flags = flags;
 	cfg.mem_size = mem;
 	cfg.dirty_pages_per_mib = rate;
 	cfg.seed = seed;
+	cfg.precopy_end_enomsg = enomsg;
 	fill_desc(&cfg.desc, vendor, device, driver);
 	r = devmig_dev_open_sim(&cfg, &d);
 	if (r < 0)

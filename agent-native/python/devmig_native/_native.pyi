@@ -49,6 +49,7 @@ def open_sim(
     vendor_id: int = ...,
     device_id: int = ...,
     driver: str | None = ...,
+    precopy_end_enomsg: bool = ...,
 ) -> Device: ...
 def open_vfio(
     fd: int, vendor_id: int = ..., device_id: int = ..., driver: str | None = ...

@@ -37,6 +37,7 @@ struct sim {
 	uint8_t *dirty; /* one byte per page: written since the last send */
 	uint64_t ndirty;
 	uint32_t dirty_per_mib;
+	bool end_enomsg;
 	uint64_t rng;
 	uint64_t touches;
 	uint32_t state;
@@ -524,6 +525,9 @@ static ssize_t sim_data_read(struct devmig_dev *d, int data_fd, void *buf, size_
 		return -EINVAL;
 	workload(s);
 	n = read(data_fd, buf, len);
+	if (n == 0 && len && s->end_enomsg &&
+	    (s->state == DEVMIG_STATE_PRE_COPY || s->state == DEVMIG_STATE_PRE_COPY_P2P))
+		return -ENOMSG;
 	return n < 0 ? -errno : n;
 }
 
@@ -603,6 +607,7 @@ int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev *
 	}
 	s->flags = cfg->flags ? cfg->flags : (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY);
 	s->dirty_per_mib = cfg->dirty_pages_per_mib;
+	s->end_enomsg = cfg->precopy_end_enomsg != 0;
 	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* non-zero (xorshift's fixed point is 0): 2^64 / golden ratio */
 	s->state = DEVMIG_STATE_RUNNING;
 	s->sess_fd = -1;

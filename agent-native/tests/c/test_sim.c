@@ -196,6 +196,14 @@ static void test_failure_recovery(void)
 	devmig_dev_close(d);
 }
 
+static int no_data_expected(void *ctx, const void *p, size_t len)
+{
+	(void)ctx;
+	(void)p;
+	(void)len;
+	return -EIO; /* nothing is expected to arrive */
+}
+
 /* A full STOP_COPY image of src into a buffer. */
 struct image {
 	uint8_t buf[64 * 1024];
@@ -289,6 +297,29 @@ static void test_resume_validation(void)
 	devmig_dev_close(dst);
 }
 
+/* Both spellings of PRE_COPY's temporary end come out as -ENOMSG, and
+ * neither is taken for the end of the stream. */
+static void test_temporary_end_variants(void)
+{
+	for (int enomsg = 0; enomsg < 2; enomsg++) {
+		struct devmig_sim_config cfg = { .mem_size = 8192, .precopy_end_enomsg = enomsg };
+		struct devmig_dev *d;
+		uint8_t buf[16384];
+		uint64_t n = 0;
+
+		CHECK(devmig_dev_open_sim(&cfg, &d) == 0);
+		devmig_dev_set_log(d, capture, NULL);
+		CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+		CHECK(devmig_data_read(d, buf, sizeof(buf)) == 32 + 2 * 4112);
+		CHECK(devmig_data_read(d, buf, sizeof(buf)) == -ENOMSG);
+		CHECK(devmig_data_drain(d, no_data_expected, NULL, &n) == 0 && n == 0);
+		CHECK(devmig_set_state(d, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+		CHECK(devmig_data_read(d, buf, sizeof(buf)) == 16); /* the end record */
+		CHECK(devmig_data_read(d, buf, sizeof(buf)) == 0);  /* the real end */
+		devmig_dev_close(d);
+	}
+}
+
 static void test_misc(void)
 {
 	struct devmig_dev *d = open_sim(ALL, 4096, 0, 0);
@@ -314,6 +345,7 @@ int main(void)
 	test_refusals();
 	test_failure_recovery();
 	test_resume_validation();
+	test_temporary_end_variants();
 	test_misc();
 	CHECK_DONE();
 }
