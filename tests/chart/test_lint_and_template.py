@@ -230,6 +230,33 @@ def test_the_kubevirt_plugin_points_at_the_socket_the_agent_serves(
     )
 
 
+@pytest.mark.parametrize(
+    ("hook_dir", "accepted"),
+    [
+        ("/var/run/kubevirt/plugins", True),
+        ("/var/lib/kubelet/plugins/devmig/", True),
+        ("/run/devmig", False),
+        ("/var/run/kubevirt-private/devmig", False),
+    ],
+)
+def test_the_plugin_refuses_a_hook_socket_virt_handler_cannot_see(
+    helm: Any, hook_dir: str, accepted: bool
+) -> None:
+    proc = helm.run(
+        "template",
+        "devmig",
+        str(CHART),
+        "--set",
+        "kubevirt.plugin.enabled=true",
+        "--set",
+        f"agent.hostPaths.kubevirtHooks={hook_dir}",
+        check=False,
+    )
+    assert (proc.returncode == 0) is accepted, proc.stderr
+    if not accepted:
+        assert "put it under /var/run/kubevirt or /var/lib/kubelet" in proc.stderr
+
+
 def test_monitoring_renders_a_service_monitor_and_the_alert_rules(helm: Any, find_one: Any) -> None:
     docs = helm.template(values=[CHART / "ci" / "monitoring-values.yaml"])
     sm = find_one(docs, "ServiceMonitor")
