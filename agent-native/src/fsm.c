@@ -130,11 +130,29 @@ static void track_session(struct devmig_dev *d, uint32_t from, const uint32_t *p
 static int request(struct devmig_dev *d, uint32_t to, const char *why, bool *issued)
 {
 	uint32_t path[DEVMIG_STATE_COUNT];
+	/* A path has at most 4 steps of names up to 12 characters, plus
+	 * separators: under 100 bytes. */
 	char desc[160];
 	int fd = -1, n, r;
 	uint32_t from = d->state;
 
 	*issued = false;
+	if ((to == PC || to == PP) && from != SC) {
+		uint32_t actual;
+
+		/* The one request that hangs unfixed kernels (STOP_COPY ->
+		 * PRE_COPY*) must be judged from the state the device is in,
+		 * not from our record: the VMM holds a duplicate fd, and a
+		 * reset (FLR, AER) moves the device too. One GET is cheap next
+		 * to a soft lockup. From a recorded STOP_COPY there is nothing
+		 * to ask: the request is refused without any ioctl. */
+		if (d->ops->get_state(d, &actual) == 0 && actual != from) {
+			devmig_logf(d, "device is in %s, not %s as recorded", sname(actual), sname(from));
+			d->state = from = actual;
+			if (!devmig_state_is_saving(actual) && actual != RS)
+				devmig_dev_end_session(d);
+		}
+	}
 	n = devmig_fsm_path(d->flags, from, to, path, DEVMIG_STATE_COUNT);
 	if (n < 0) {
 		devmig_logf(d, "%s -> %s refused: not an allowed transition for this device%s",

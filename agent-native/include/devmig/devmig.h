@@ -99,7 +99,10 @@ int devmig_get_state(struct devmig_dev *d, uint32_t *state);
 uint32_t devmig_dev_state(const struct devmig_dev *d);
 
 /* The one state setter. Validates `to` against the arc table for this
- * device (a refused request returns -EINVAL before any ioctl), logs
+ * device (a refused request returns -EINVAL before any ioctl; a request
+ * for PRE_COPY or PRE_COPY_P2P first reads the actual state, unless the
+ * record already says STOP_COPY, because STOP_COPY -> PRE_COPY* hangs
+ * unfixed kernels and the record can be stale), logs
  * "FROM -> TO", issues the request and records the new state only once the
  * device accepted it. On failure it reads the actual state, tries
  * `recover_to` from there (skipped when recover_to is DEVMIG_STATE_ERROR),

@@ -56,6 +56,11 @@ int devmig_sim_fail_write(struct devmig_dev *d, uint64_t offset, int err);
 int devmig_sim_corrupt(struct devmig_dev *d, uint64_t offset);
 int devmig_sim_clear_faults(struct devmig_dev *d);
 
+/* Another holder of the device fd (the VMM's duplicate) requests `to`:
+ * the device moves with the kernel's semantics, and devmig's record of its
+ * state goes stale. Any new data fd is closed, as that holder would. */
+int devmig_sim_external_set_state(struct devmig_dev *d, uint32_t to);
+
 /* The workload: write to one page of device memory (as the running device
  * would), dirtying it. -EBUSY when the device is not running. */
 int devmig_sim_touch(struct devmig_dev *d, uint64_t page);

@@ -685,6 +685,18 @@ int devmig_sim_clear_faults(struct devmig_dev *d)
 	return 0;
 }
 
+int devmig_sim_external_set_state(struct devmig_dev *d, uint32_t to)
+{
+	int fd = -1, r;
+
+	if (!to_sim(d))
+		return -ENODEV;
+	r = sim_set_state(d, to, &fd);
+	if (fd >= 0)
+		close(fd);
+	return r;
+}
+
 int devmig_sim_touch(struct devmig_dev *d, uint64_t page)
 {
 	struct sim *s = to_sim(d);

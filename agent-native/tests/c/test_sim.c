@@ -138,6 +138,29 @@ static void test_refusals(void)
 	CHECK(strstr(logbuf, "STOP_COPY -> PRE_COPY refused") != NULL);
 	devmig_dev_close(d);
 
+	/* The VMM moved the device to STOP_COPY through its own fd: the
+	 * record says RUNNING, yet a PRE_COPY request is judged from the
+	 * device's real state and refused before any set reaches it. */
+	d = open_sim(ALL, 8192, 0, 0);
+	CHECK(devmig_sim_external_set_state(d, DEVMIG_STATE_STOP_COPY) == 0);
+	CHECK(devmig_dev_state(d) == DEVMIG_STATE_RUNNING);
+	c = calls(d);
+	logbuf[0] = 0;
+	CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == -EINVAL);
+	CHECK(calls(d) == c);
+	CHECK(devmig_dev_state(d) == DEVMIG_STATE_STOP_COPY);
+	CHECK(strstr(logbuf, "device is in STOP_COPY, not RUNNING as recorded") != NULL);
+	CHECK(strstr(logbuf, "STOP_COPY -> PRE_COPY refused") != NULL);
+	/* A stale STOP_COPY record errs on the safe side: refused until the
+	 * state is read again. */
+	CHECK(devmig_sim_external_set_state(d, DEVMIG_STATE_RUNNING) == 0);
+	CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY_P2P, DEVMIG_STATE_RUNNING, NULL) == -EINVAL);
+	uint32_t now;
+	CHECK(devmig_get_state(d, &now) == 0 && now == DEVMIG_STATE_RUNNING);
+	CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY_P2P, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_dev_state(d) == DEVMIG_STATE_PRE_COPY_P2P);
+	devmig_dev_close(d);
+
 	/* A device without PRE_COPY or P2P. */
 	d = open_sim(DEVMIG_MIG_STOP_COPY, 8192, 0, 0);
 	CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == -EINVAL);

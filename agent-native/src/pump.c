@@ -1,0 +1,406 @@
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "devmig/pump.h"
+#include "devmig/stream.h"
+#include "internal.h"
+
+/* Read size per device read: 1 MiB, the drain buffer size (see data.c) and
+ * the largest stream frame, so one read becomes one frame. */
+#define PUMP_BUF (1u << 20)
+/* Rates are measured over windows of at least this long, ns: one second
+ * smooths the burstiness of round-based pre-copy without lagging the
+ * operator's convergence decision by more than a poll. */
+#define RATE_WINDOW_NS 1000000000LL
+
+enum pump_req { REQ_NONE, REQ_P2P, REQ_STOP_COPY };
+
+struct devmig_pump {
+	struct devmig_dev *d;
+	int fd;
+	uint64_t bw;
+	uint32_t interval_ms;
+	pthread_t thread;
+	pthread_mutex_t mu;
+	pthread_cond_t cv; /* requests and cancel -> thread */
+	pthread_cond_t done_cv; /* thread -> waiters (request results, end) */
+	enum pump_req req;
+	int req_result;
+	uint64_t req_seq, req_done_seq;
+	int cancel;
+	long result;
+	struct devmig_pump_progress prog;
+	struct devmig_stream_enc enc;
+	uint8_t *buf;
+	/* rate windows */
+	int64_t win_start, bw_start;
+	uint64_t win_bytes, bw_bytes;
+	int64_t dirty_win_start;
+	uint64_t dirty_prev_remaining, dirty_win_sent;
+};
+
+static int64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int64_t real_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Wait on cv for up to ns, or until a request or cancel; mu held. */
+static void wait_ns(struct devmig_pump *p, int64_t ns)
+{
+	struct timespec ts;
+
+	if (ns <= 0 || p->cancel || p->req != REQ_NONE)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ts.tv_sec += ns / 1000000000LL;
+	ts.tv_nsec += ns % 1000000000LL;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+}
+
+/* Account n payload bytes sent; apply the bandwidth cap. mu not held. */
+static void sent(struct devmig_pump *p, uint64_t n)
+{
+	int64_t now = mono_ns();
+
+	pthread_mutex_lock(&p->mu);
+	p->prog.bytes_sent += n;
+	p->win_bytes += n;
+	p->dirty_win_sent += n;
+	if (now - p->win_start >= RATE_WINDOW_NS) {
+		p->prog.throughput_bps =
+			(uint64_t)((double)p->win_bytes * 1e9 / (double)(now - p->win_start));
+		p->win_start = now;
+		p->win_bytes = 0;
+	}
+	if (p->bw) {
+		/* Token bucket: the bytes sent since bw_start may not exceed
+		 * bw per second; wait out any excess (a request or cancel cuts
+		 * the wait short). */
+		p->bw_bytes += n;
+		int64_t allowed_ns = (int64_t)((double)p->bw_bytes * 1e9 / (double)p->bw);
+		int64_t ahead = allowed_ns - (now - p->bw_start);
+		wait_ns(p, ahead);
+		if (now - p->bw_start > RATE_WINDOW_NS) {
+			p->bw_start = mono_ns();
+			p->bw_bytes = 0;
+		}
+	}
+	pthread_mutex_unlock(&p->mu);
+}
+
+/* After a pre-copy round: record PRECOPY_INFO and the dirty rate. The
+ * device's remaining bytes grow by what it dirtied and shrink by what was
+ * sent, so dirtied = remaining_now - remaining_before + sent_between. */
+static void round_done(struct devmig_pump *p)
+{
+	struct devmig_precopy_info pi = {0, 0};
+	int64_t now = mono_ns();
+
+	if (devmig_precopy_info(p->d, &pi) < 0)
+		return;
+	pthread_mutex_lock(&p->mu);
+	uint64_t remaining = pi.initial_bytes + pi.dirty_bytes;
+	p->prog.rounds++;
+	p->prog.initial_bytes = pi.initial_bytes;
+	p->prog.dirty_bytes = pi.dirty_bytes;
+	if (now - p->dirty_win_start >= RATE_WINDOW_NS) {
+		int64_t dirtied = (int64_t)remaining - (int64_t)p->dirty_prev_remaining +
+				  (int64_t)p->dirty_win_sent;
+		if (dirtied < 0)
+			dirtied = 0;
+		p->prog.dirty_rate_bps =
+			(uint64_t)((double)dirtied * 1e9 / (double)(now - p->dirty_win_start));
+		p->dirty_win_start = now;
+		p->dirty_prev_remaining = remaining;
+		p->dirty_win_sent = 0;
+	}
+	pthread_mutex_unlock(&p->mu);
+}
+
+static int take_request(struct devmig_pump *p, enum pump_req *req)
+{
+	int cancel;
+
+	pthread_mutex_lock(&p->mu);
+	*req = p->req;
+	cancel = p->cancel;
+	pthread_mutex_unlock(&p->mu);
+	return cancel;
+}
+
+static void answer(struct devmig_pump *p, int r)
+{
+	pthread_mutex_lock(&p->mu);
+	p->req = REQ_NONE;
+	p->req_result = r;
+	p->req_done_seq = p->req_seq;
+	p->prog.state = p->d->state;
+	pthread_cond_broadcast(&p->done_cv);
+	pthread_mutex_unlock(&p->mu);
+}
+
+/* Send what the device has now. 1: end of stream; 0: temporary end or a
+ * request/cancel arrived; <0: error. */
+static int send_available(struct devmig_pump *p)
+{
+	for (;;) {
+		enum pump_req req;
+
+		if (take_request(p, &req))
+			return -ECANCELED;
+		if (req != REQ_NONE)
+			return 0;
+		long n = devmig_data_read(p->d, p->buf, PUMP_BUF);
+		if (n == 0)
+			return 1;
+		if (n == -ENOMSG)
+			return 0;
+		if (n < 0)
+			return (int)n;
+		int r = devmig_stream_enc_data(&p->enc, p->buf, (size_t)n);
+		if (r < 0)
+			return r;
+		sent(p, (uint64_t)n);
+	}
+}
+
+static long run(struct devmig_pump *p)
+{
+	uint64_t expected = 0;
+	int r;
+
+	if (devmig_data_size(p->d, &expected) < 0)
+		expected = 0; /* unknown: devices without MIG_DATA_SIZE */
+	r = devmig_stream_enc_begin(&p->enc, &p->d->desc, expected, devmig_fd_write_all, &p->fd);
+	if (r < 0)
+		return r;
+	/* Pre-copy rounds until asked to stop-and-copy. */
+	while (p->d->state != DEVMIG_STATE_STOP_COPY) {
+		enum pump_req req;
+
+		r = send_available(p);
+		if (r < 0)
+			return r;
+		if (r == 1)
+			return -EPROTO; /* the end of the stream while running: not a device */
+		if (take_request(p, &req))
+			return -ECANCELED;
+		if (req == REQ_P2P) {
+			answer(p, devmig_set_state(p->d, DEVMIG_STATE_PRE_COPY_P2P,
+						   DEVMIG_STATE_PRE_COPY, NULL));
+			continue;
+		}
+		if (req == REQ_STOP_COPY) {
+			pthread_mutex_lock(&p->mu);
+			p->prog.stopped_at_ns = real_ns();
+			pthread_mutex_unlock(&p->mu);
+			r = devmig_set_state(p->d, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL);
+			answer(p, r);
+			if (r < 0)
+				return r;
+			break;
+		}
+		round_done(p);
+		pthread_mutex_lock(&p->mu);
+		wait_ns(p, (int64_t)p->interval_ms * 1000000LL);
+		pthread_mutex_unlock(&p->mu);
+	}
+	/* STOP_COPY: the rest, up to the device's end of stream. */
+	for (;;) {
+		enum pump_req req;
+
+		if (take_request(p, &req))
+			return -ECANCELED;
+		if (req != REQ_NONE)
+			answer(p, req == REQ_STOP_COPY ? 0 : -EINVAL); /* already stopped */
+		r = send_available(p);
+		if (r < 0)
+			return r;
+		if (r == 1)
+			break;
+	}
+	r = devmig_stream_enc_finish(&p->enc);
+	return r < 0 ? r : (long)p->enc.total;
+}
+
+static void *thread_main(void *arg)
+{
+	struct devmig_pump *p = arg;
+	long r = run(p);
+
+	pthread_mutex_lock(&p->mu);
+	p->result = r;
+	p->prog.done = 1;
+	p->prog.error = r < 0 ? (int)r : 0;
+	p->prog.state = p->d->state;
+	/* A request nobody will carry out now fails rather than hangs. */
+	if (p->req != REQ_NONE) {
+		p->req = REQ_NONE;
+		p->req_result = r < 0 ? (int)r : -EINVAL;
+		p->req_done_seq = p->req_seq;
+	}
+	pthread_cond_broadcast(&p->done_cv);
+	pthread_mutex_unlock(&p->mu);
+	return NULL;
+}
+
+int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+		      uint32_t round_interval_ms, struct devmig_pump **out)
+{
+	struct devmig_pump *p;
+	pthread_condattr_t ca;
+	int r;
+
+	if (!d || out_fd < 0 || !out)
+		return -EINVAL;
+	if (d->data_fd < 0 || !devmig_state_is_saving(d->state))
+		return -EINVAL;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->buf = malloc(PUMP_BUF);
+	if (!p->buf) {
+		free(p);
+		return -ENOMEM;
+	}
+	p->d = d;
+	p->fd = out_fd;
+	p->bw = bandwidth_bps;
+	p->interval_ms = round_interval_ms;
+	p->prog.state = d->state;
+	p->win_start = p->bw_start = p->dirty_win_start = mono_ns();
+	pthread_mutex_init(&p->mu, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&p->cv, &ca);
+	pthread_cond_init(&p->done_cv, &ca);
+	pthread_condattr_destroy(&ca);
+	r = pthread_create(&p->thread, NULL, thread_main, p);
+	if (r) {
+		pthread_mutex_destroy(&p->mu);
+		pthread_cond_destroy(&p->cv);
+		pthread_cond_destroy(&p->done_cv);
+		free(p->buf);
+		free(p);
+		return -r;
+	}
+	*out = p;
+	return 0;
+}
+
+void devmig_pump_progress(struct devmig_pump *p, struct devmig_pump_progress *out)
+{
+	pthread_mutex_lock(&p->mu);
+	*out = p->prog;
+	pthread_mutex_unlock(&p->mu);
+}
+
+static int request(struct devmig_pump *p, enum pump_req req)
+{
+	int r;
+
+	pthread_mutex_lock(&p->mu);
+	if (p->prog.done) {
+		r = p->prog.error ? p->prog.error : (req == REQ_STOP_COPY ? 0 : -EINVAL);
+		pthread_mutex_unlock(&p->mu);
+		return r;
+	}
+	if (p->req != REQ_NONE) {
+		pthread_mutex_unlock(&p->mu);
+		return -EBUSY; /* one request at a time */
+	}
+	uint64_t seq = ++p->req_seq;
+	p->req = req;
+	pthread_cond_broadcast(&p->cv);
+	while (p->req_done_seq < seq)
+		pthread_cond_wait(&p->done_cv, &p->mu);
+	r = p->req_result;
+	pthread_mutex_unlock(&p->mu);
+	return r;
+}
+
+int devmig_pump_quiesce_p2p(struct devmig_pump *p)
+{
+	return request(p, REQ_P2P);
+}
+
+int devmig_pump_stop_copy(struct devmig_pump *p)
+{
+	return request(p, REQ_STOP_COPY);
+}
+
+void devmig_pump_cancel(struct devmig_pump *p)
+{
+	pthread_mutex_lock(&p->mu);
+	p->cancel = 1;
+	pthread_cond_broadcast(&p->cv);
+	pthread_mutex_unlock(&p->mu);
+}
+
+int devmig_pump_wait(struct devmig_pump *p, int timeout_ms)
+{
+	int done;
+
+	pthread_mutex_lock(&p->mu);
+	if (timeout_ms < 0) {
+		while (!p->prog.done)
+			pthread_cond_wait(&p->done_cv, &p->mu);
+	} else if (!p->prog.done) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		ts.tv_sec += timeout_ms / 1000;
+		ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		while (!p->prog.done &&
+		       pthread_cond_timedwait(&p->done_cv, &p->mu, &ts) != ETIMEDOUT)
+			;
+	}
+	done = p->prog.done;
+	pthread_mutex_unlock(&p->mu);
+	return done;
+}
+
+long devmig_pump_result(struct devmig_pump *p)
+{
+	long r;
+
+	pthread_mutex_lock(&p->mu);
+	r = p->prog.done ? p->result : -EBUSY;
+	pthread_mutex_unlock(&p->mu);
+	return r;
+}
+
+void devmig_pump_free(struct devmig_pump *p)
+{
+	if (!p)
+		return;
+	devmig_pump_cancel(p);
+	pthread_join(p->thread, NULL);
+	pthread_mutex_destroy(&p->mu);
+	pthread_cond_destroy(&p->cv);
+	pthread_cond_destroy(&p->done_cv);
+	free(p->buf);
+	free(p);
+}

@@ -1,0 +1,206 @@
+/* The source pump: pre-copy rounds over a socket while the device runs,
+ * stop-and-copy on request, the target's memory equal to the source's at
+ * the stop; P2P quiescing; cancel; a failing STOP_COPY arc recovers. */
+#include <errno.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "devmig/devmig.h"
+#include "devmig/pump.h"
+#include "devmig/sim.h"
+#include "devmig/stream.h"
+
+struct target {
+	struct devmig_dev *d;
+	int fd;
+	int result;
+	pthread_t th;
+};
+
+static void *load_main(void *arg)
+{
+	struct target *t = arg;
+
+	t->result = devmig_stream_load(t->d, t->fd);
+	return NULL;
+}
+
+static struct devmig_dev *sim(uint64_t seed, uint32_t dirty)
+{
+	struct devmig_sim_config c = { 0 };
+	struct devmig_dev *d = NULL;
+
+	c.mem_size = 4u << 20; /* 4 MiB: several 1 MiB reads per round */
+	c.dirty_pages_per_mib = dirty;
+	c.seed = seed;
+	CHECK(devmig_dev_open_sim(&c, &d) == 0);
+	return d;
+}
+
+/* Poll the pump's progress (the thread moves on its own) until `rounds`
+ * pre-copy rounds are done; bounded so a broken pump fails, not hangs. */
+static int wait_rounds(struct devmig_pump *p, uint64_t rounds)
+{
+	struct devmig_pump_progress pr;
+	struct timespec ms = { 0, 1000000 };
+
+	for (int i = 0; i < 10000; i++) {
+		devmig_pump_progress(p, &pr);
+		if (pr.rounds >= rounds || pr.done)
+			return pr.rounds >= rounds;
+		nanosleep(&ms, NULL);
+	}
+	return 0;
+}
+
+static void start_target(struct target *t, struct devmig_dev *d, int fd)
+{
+	t->d = d;
+	t->fd = fd;
+	CHECK(devmig_set_state(d, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(pthread_create(&t->th, NULL, load_main, t) == 0);
+}
+
+static void test_pre_copy_then_stop_copy_moves_the_state(void)
+{
+	struct devmig_dev *src = sim(1, 64), *dst = sim(2, 0);
+	struct devmig_pump *p = NULL;
+	struct devmig_pump_progress pr;
+	struct target t;
+	int sv[2];
+	uint64_t a, b;
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	CHECK(wait_rounds(p, 3));
+	devmig_pump_progress(p, &pr);
+	CHECK(pr.state == DEVMIG_STATE_PRE_COPY);
+	CHECK(pr.bytes_sent >= 4u << 20); /* the initial state went out while running */
+	CHECK(pr.stopped_at_ns == 0);
+
+	CHECK(devmig_pump_stop_copy(p) == 0);
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_STOP_COPY);
+	CHECK(devmig_pump_wait(p, -1) == 1);
+	devmig_pump_progress(p, &pr);
+	CHECK(pr.done && pr.error == 0 && pr.stopped_at_ns > 0);
+	CHECK(devmig_pump_result(p) == (long)pr.bytes_sent);
+	CHECK(devmig_pump_stop_copy(p) == 0); /* repeated: already done */
+	close(sv[0]);
+	pthread_join(t.th, NULL);
+	CHECK(t.result == 0);
+	CHECK(devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(dst, &b) == 0);
+	CHECK(a == b);
+	devmig_pump_free(p);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+static void test_p2p_is_reached_before_the_stop(void)
+{
+	struct devmig_dev *src = sim(3, 0), *dst = sim(4, 0);
+	struct devmig_pump *p = NULL;
+	struct target t;
+	int sv[2];
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	CHECK(devmig_pump_quiesce_p2p(p) == 0);
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_PRE_COPY_P2P);
+	CHECK(devmig_pump_stop_copy(p) == 0);
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_STOP_COPY);
+	CHECK(devmig_pump_wait(p, -1) == 1 && devmig_pump_result(p) > 0);
+	close(sv[0]);
+	pthread_join(t.th, NULL);
+	CHECK(t.result == 0);
+	devmig_pump_free(p);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+static void test_cancel_sends_no_trailer_and_the_target_is_reset(void)
+{
+	struct devmig_dev *src = sim(5, 64), *dst = sim(6, 0);
+	struct devmig_pump *p = NULL;
+	struct target t;
+	int sv[2];
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	CHECK(wait_rounds(p, 1));
+	devmig_pump_cancel(p);
+	/* What the agent does with a socket a pump may be blocked on. */
+	shutdown(sv[0], SHUT_RDWR);
+	CHECK(devmig_pump_wait(p, -1) == 1);
+	CHECK(devmig_pump_result(p) < 0);
+	pthread_join(t.th, NULL);
+	CHECK(t.result < 0);
+	CHECK(devmig_dev_state(dst) != DEVMIG_STATE_STOP);
+	CHECK(devmig_dev_state(dst) == DEVMIG_STATE_RUNNING); /* reset */
+	/* The source is untouched: still PRE_COPY, for the caller to roll back. */
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_PRE_COPY);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL) == 0);
+	devmig_pump_free(p);
+	close(sv[0]);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+static void test_a_failing_stop_copy_arc_recovers_to_running(void)
+{
+	struct devmig_dev *src = sim(7, 0), *dst = sim(8, 0);
+	struct devmig_pump *p = NULL;
+	struct target t;
+	int sv[2];
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	/* The device walks PRE_COPY -> PRE_COPY_P2P -> STOP_COPY (it has P2P). */
+	CHECK(devmig_sim_fail_arc(src, DEVMIG_STATE_PRE_COPY_P2P, DEVMIG_STATE_STOP_COPY, EIO, 0) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	CHECK(devmig_pump_stop_copy(p) == -EIO);
+	CHECK(devmig_pump_wait(p, -1) == 1 && devmig_pump_result(p) == -EIO);
+	CHECK(devmig_dev_state(src) == DEVMIG_STATE_RUNNING);
+	shutdown(sv[0], SHUT_RDWR);
+	pthread_join(t.th, NULL);
+	CHECK(t.result < 0 && devmig_dev_state(dst) == DEVMIG_STATE_RUNNING);
+	devmig_pump_free(p);
+	close(sv[0]);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+static void test_bad_arguments_are_refused(void)
+{
+	struct devmig_dev *src = sim(9, 0);
+	struct devmig_pump *p = NULL;
+
+	/* Not saving: nothing to pump. */
+	CHECK(devmig_pump_start(src, 1, 0, 2, &p) == -EINVAL);
+	CHECK(devmig_pump_start(NULL, 1, 0, 2, &p) == -EINVAL);
+	devmig_dev_close(src);
+}
+
+int main(void)
+{
+	test_pre_copy_then_stop_copy_moves_the_state();
+	test_p2p_is_reached_before_the_stop();
+	test_cancel_sends_no_trailer_and_the_target_is_reset();
+	test_a_failing_stop_copy_arc_recovers_to_running();
+	test_bad_arguments_are_refused();
+	CHECK_DONE();
+}
