@@ -32,12 +32,14 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
 import grpc
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2  # type: ignore[import-untyped]
+
+from devmig_agent.podresources import Holder, normalize_pci_address
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,52 @@ class MigrationHooks(Protocol):
 def parse_devices(annotation: str) -> tuple[str, ...]:
     """``"nvidia.com/T4, 0000:3b:00.1,,"`` -> ``("nvidia.com/T4", "0000:3b:00.1")``."""
     return tuple(d for d in (s.strip() for s in annotation.split(",")) if d)
+
+
+def select_devices(entries: Sequence[str], held: Iterable[Holder], vmi_key: str) -> list[str]:
+    """The device ids of this node that a VMI's ``devmig.io/devices`` entries name.
+
+    ``held``: who holds which device (``podresources.device_holders``). An
+    entry naming a resource (it contains "/") selects every device of that
+    resource the VMI's pod holds; any other entry is a device id (PCI address
+    in any spelling, or mdev UUID) that the VMI must hold. Order follows the
+    entries, without repeats. ``HookError(NOT_FOUND, "UnknownDevice")`` when
+    an entry selects nothing, ``HookError(PRECONDITION, "DeviceNotHeld")``
+    when the device is on the node but not the VMI's.
+    """
+    mine = [h for h in held if h.vmi == vmi_key]
+    everyone = {h.device_id: h for h in held}
+    out: list[str] = []
+    for entry in entries:
+        if "/" in entry:
+            ids = sorted(h.device_id for h in mine if h.resource_name == entry)
+        else:
+            want = normalize_pci_address(entry) or entry.lower()
+            ids = [
+                h.device_id
+                for h in mine
+                if (normalize_pci_address(h.device_id) or h.device_id.lower()) == want
+            ]
+            if not ids:
+                other = [
+                    h
+                    for d, h in everyone.items()
+                    if (normalize_pci_address(d) or d.lower()) == want
+                ]
+                if other:
+                    raise HookError(
+                        HookErrorKind.PRECONDITION,
+                        "DeviceNotHeld",
+                        f"{entry} is held by {other[0].pod or 'nobody'}, not by VMI {vmi_key}",
+                    )
+        if not ids:
+            raise HookError(
+                HookErrorKind.NOT_FOUND,
+                "UnknownDevice",
+                f"VMI {vmi_key} names {entry!r} in {DEVICES_ANNOTATION}; it holds no such device",
+            )
+        out.extend(i for i in ids if i not in out)
+    return out
 
 
 def parse_vmi(raw_json: bytes, node_name: str) -> HookVmi:

@@ -42,6 +42,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import devmig_agent
+from devmig_agent.podresources import Holder, NodeDeviceKey
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,31 @@ class InventoryPublisher:
             except Exception:
                 log.exception("publishing inventory %s failed; retrying", self.node_name)
             stop.wait(poll_seconds)
+
+
+def with_holders(
+    devices: Iterable[InventoryDevice], holders: Mapping[str, Holder]
+) -> list[InventoryDevice]:
+    """The devices with ``pod`` and ``vmi`` from the kubelet's view
+    (``podresources.device_holders``), and ``resource_name`` where discovery
+    did not know it. A device nobody holds gets empty ``pod`` and ``vmi``."""
+    out = []
+    for d in devices:
+        h = holders.get(d.id)
+        out.append(
+            dataclasses.replace(
+                d,
+                pod=h.pod if h else "",
+                vmi=h.vmi if h else "",
+                resource_name=d.resource_name or (h.resource_name if h else ""),
+            )
+        )
+    return out
+
+
+def node_device_keys(devices: Iterable[InventoryDevice]) -> list[NodeDeviceKey]:
+    """What ``podresources`` needs to map device-plugin ids onto these devices."""
+    return [NodeDeviceKey(d.id, d.iommu_group) for d in devices]
 
 
 def devices_from(items: Sequence[DeviceLike]) -> Discover:

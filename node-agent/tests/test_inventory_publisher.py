@@ -10,7 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from devmig_agent import inventory
+from devmig_agent import inventory, podresources
 from devmig_agent.inventory import InventoryDevice, InventoryPublisher, Outcome
 
 GPU = InventoryDevice(
@@ -339,3 +339,24 @@ def test_run_publishes_until_stopped(api: client.CustomObjectsApi, node: str) ->
     assert not t.is_alive()
     assert calls == 2
     assert read(api, node)["status"]["deviceCount"] == 1
+
+
+def test_holders_from_the_kubelet_fill_pod_vmi_and_missing_resource_names() -> None:
+    bare = [
+        InventoryDevice(id="0000:3b:00.1", iommu_group=42, pod="stale/pod", vmi="stale/vmi"),
+        InventoryDevice(id="0000:3b:00.2", iommu_group=43, resource_name="own/name"),
+        InventoryDevice(id="0000:af:00.0", iommu_group=7),
+    ]
+    keys = inventory.node_device_keys(bare)
+    assignments = [
+        podresources.Assignment(
+            "vms", "virt-launcher-db-x7k2p", "compute", "devices.kubevirt.io/t4", "42"
+        ),
+        podresources.Assignment("vms", "virt-launcher-db-x7k2p", "compute", "x/y", "0000:3b:00.2"),
+    ]
+    got = inventory.with_holders(bare, podresources.device_holders(assignments, keys))
+    assert [(d.pod, d.vmi, d.resource_name) for d in got] == [
+        ("vms/virt-launcher-db-x7k2p", "vms/db", "devices.kubevirt.io/t4"),
+        ("vms/virt-launcher-db-x7k2p", "vms/db", "own/name"),
+        ("", "", ""),
+    ]

@@ -17,6 +17,7 @@ from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
 
 from devmig_agent import hooks_kubevirt
 from devmig_agent.hooks_kubevirt import HookError, HookErrorKind, HookVmi
+from devmig_agent.podresources import Holder
 
 
 def vmi_json(
@@ -296,3 +297,44 @@ def test_the_server_answers_kubevirts_full_method_path(served: str, hooks: Recor
 def test_the_devices_annotation_splits_on_commas_and_drops_blanks() -> None:
     assert hooks_kubevirt.parse_devices("a/b, 0000:3b:00.1 ,, ") == ("a/b", "0000:3b:00.1")
     assert hooks_kubevirt.parse_devices("") == ()
+
+
+HELD = [
+    Holder("0000:3b:00.1", "nvidia.com/T4", "vms/virt-launcher-db-x7k2p", "compute", "vms/db"),
+    Holder("0000:3b:00.2", "nvidia.com/T4", "vms/virt-launcher-db-x7k2p", "compute", "vms/db"),
+    Holder("0000:af:00.0", "devmig.io/sim", "vms/virt-launcher-db-x7k2p", "compute", "vms/db"),
+    Holder("0000:af:00.1", "devmig.io/sim", "vms/virt-launcher-web-a1b2c", "compute", "vms/web"),
+]
+
+
+def test_annotation_entries_select_the_vmis_devices_by_resource_or_id() -> None:
+    assert hooks_kubevirt.select_devices(["nvidia.com/T4"], HELD, "vms/db") == [
+        "0000:3b:00.1",
+        "0000:3b:00.2",
+    ]
+    assert hooks_kubevirt.select_devices(["AF:00.0", "0000:3b:00.2"], HELD, "vms/db") == [
+        "0000:af:00.0",
+        "0000:3b:00.2",
+    ]
+    assert hooks_kubevirt.select_devices(["0000:3b:00.2", "nvidia.com/T4"], HELD, "vms/db") == [
+        "0000:3b:00.2",
+        "0000:3b:00.1",
+    ]
+    # The resource filter is per VMI: web's sim device is not db's.
+    assert hooks_kubevirt.select_devices(["devmig.io/sim"], HELD, "vms/db") == ["0000:af:00.0"]
+
+
+def test_an_entry_that_selects_nothing_is_unknown_device() -> None:
+    with pytest.raises(HookError) as e:
+        hooks_kubevirt.select_devices(["intel.com/qat"], HELD, "vms/db")
+    assert (e.value.kind, e.value.reason) == (HookErrorKind.NOT_FOUND, "UnknownDevice")
+    with pytest.raises(HookError) as e:
+        hooks_kubevirt.select_devices(["0000:00:1f.0"], HELD, "vms/db")
+    assert e.value.reason == "UnknownDevice"
+
+
+def test_a_device_another_pod_holds_is_device_not_held() -> None:
+    with pytest.raises(HookError) as e:
+        hooks_kubevirt.select_devices(["0000:af:00.1"], HELD, "vms/db")
+    assert (e.value.kind, e.value.reason) == (HookErrorKind.PRECONDITION, "DeviceNotHeld")
+    assert "vms/virt-launcher-web-a1b2c" in str(e.value)
