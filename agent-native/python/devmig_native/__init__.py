@@ -22,6 +22,8 @@ __all__ = [
     "DevmigError",
     "MigFlags",
     "MigState",
+    "Pump",
+    "PumpProgress",
     "SimDevice",
     "SimStats",
     "StreamError",
@@ -184,6 +186,70 @@ class Device:
     def receive_stream(self, fd: int) -> None:
         """As load_stream, from an open fd, until its end of file."""
         self._h.receive_stream(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class PumpProgress:
+    bytes_sent: int
+    rounds: int
+    initial_bytes: int
+    dirty_bytes: int
+    throughput_bps: int
+    dirty_rate_bps: int
+    stopped_at_ns: int  # CLOCK_REALTIME when STOP_COPY was entered, or 0
+    state: MigState
+    done: bool
+    error: int  # -errno the pump ended with, or 0
+
+    @property
+    def remaining_bytes(self) -> int:
+        return self.initial_bytes + self.dirty_bytes
+
+
+class Pump:
+    """Streams a saving device (PRE_COPY or STOP_COPY) to ``fd`` in devmig's
+    stream format, on a native thread: pre-copy rounds while the device
+    runs, then, on :meth:`stop_copy`, STOP_COPY and the rest.
+
+    The pump owns the device while it runs: other calls on the device wait
+    until :meth:`wait` has seen the pump end. ``bandwidth_bps`` caps payload
+    bytes per second (0: no cap); ``round_interval_ms`` is the wait at a
+    pre-copy temporary end before asking the device again. A pump blocked
+    on a full socket is freed by shutting the socket down after
+    :meth:`cancel`.
+    """
+
+    def __init__(
+        self, device: Device, fd: int, bandwidth_bps: int = 0, round_interval_ms: int = 50
+    ) -> None:
+        self._p = _native.Pump(device._h, fd, bandwidth_bps, round_interval_ms)
+
+    def progress(self) -> PumpProgress:
+        d = dict(self._p.progress())
+        d["state"] = MigState[str(d["state"])]
+        return PumpProgress(**d)  # type: ignore[arg-type]
+
+    def stop_copy(self) -> None:
+        """Move the device to STOP_COPY and send the rest; returns once the
+        device stopped (DevmigError if it could not; it is RUNNING again)."""
+        self._p.stop_copy()
+
+    def quiesce_p2p(self) -> None:
+        """PRE_COPY -> PRE_COPY_P2P (all devices of a VM, before any stops)."""
+        self._p.quiesce_p2p()
+
+    def cancel(self) -> None:
+        self._p.cancel()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return bool(self._p.wait(timeout_s))
+
+    def result(self) -> int:
+        """Payload bytes sent; DevmigError if the pump failed."""
+        return int(self._p.result())
+
+    def close(self) -> None:
+        self._p.close()
 
 
 @dataclasses.dataclass(frozen=True)

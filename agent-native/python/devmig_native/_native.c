@@ -12,6 +12,7 @@
 
 #include "devmig/devmig.h"
 #include "devmig/sim.h"
+#include "devmig/pump.h"
 #include "devmig/stream.h"
 
 static PyObject *DevmigError;
@@ -607,6 +608,193 @@ static PyTypeObject DeviceType = {
 	.tp_getset = dev_getset,
 };
 
+
+/* ---- Pump: the source side of the data path ---- */
+
+/* A pump owns its device while it runs: it holds the device's lock from
+ * start until a wait() sees it ended (or close), so no other call can touch
+ * the device under the pump thread. State changes meanwhile are requests to
+ * the pump (quiesce_p2p, stop_copy). */
+typedef struct {
+	PyObject_HEAD
+	struct devmig_pump *p;
+	DeviceObject *dev;
+	int holds_lock;
+} PumpObject;
+
+static PyTypeObject PumpType;
+
+static void pump_release(PumpObject *self)
+{
+	if (self->holds_lock) {
+		PyThread_release_lock(self->dev->lock);
+		self->holds_lock = 0;
+	}
+}
+
+static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "device", "fd", "bandwidth_bps", "round_interval_ms", NULL };
+	PyObject *devobj, *fdobj;
+	unsigned long long bw = 0;
+	unsigned int interval = 50;
+	int fd, r;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|KI", kwlist, &DeviceType, &devobj, &fdobj,
+					 &bw, &interval))
+		return NULL;
+	fd = PyObject_AsFileDescriptor(fdobj);
+	if (fd < 0 || !alive((DeviceObject *)devobj))
+		return NULL;
+	PumpObject *self = (PumpObject *)type->tp_alloc(type, 0);
+	if (!self)
+		return NULL;
+	self->dev = (DeviceObject *)devobj;
+	Py_INCREF(devobj);
+	Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock(self->dev->lock, WAIT_LOCK);
+	r = devmig_pump_start(self->dev->dev, fd, bw, interval, &self->p);
+	if (r < 0)
+		PyThread_release_lock(self->dev->lock);
+	Py_END_ALLOW_THREADS
+	if (r < 0) {
+		Py_DECREF(self);
+		return dev_err((DeviceObject *)devobj, r);
+	}
+	self->holds_lock = 1;
+	return (PyObject *)self;
+}
+
+static void pump_dealloc(PumpObject *self)
+{
+	if (self->p) {
+		Py_BEGIN_ALLOW_THREADS devmig_pump_free(self->p);
+		Py_END_ALLOW_THREADS
+		self->p = NULL;
+	}
+	if (self->dev)
+		pump_release(self);
+	Py_XDECREF(self->dev);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *pump_progress(PumpObject *self, PyObject *unused)
+{
+	struct devmig_pump_progress pr;
+
+	(void)unused;
+	if (!self->p)
+		return PyErr_Format(PyExc_ValueError, "pump is closed");
+	devmig_pump_progress(self->p, &pr);
+	return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:s,s:O,s:i}", "bytes_sent",
+			     (unsigned long long)pr.bytes_sent, "rounds", (unsigned long long)pr.rounds,
+			     "initial_bytes", (unsigned long long)pr.initial_bytes, "dirty_bytes",
+			     (unsigned long long)pr.dirty_bytes, "throughput_bps",
+			     (unsigned long long)pr.throughput_bps, "dirty_rate_bps",
+			     (unsigned long long)pr.dirty_rate_bps, "stopped_at_ns",
+			     (long long)pr.stopped_at_ns, "state", devmig_state_name(pr.state), "done",
+			     pr.done ? Py_True : Py_False, "error", pr.error);
+}
+
+static PyObject *pump_request(PumpObject *self, int stop, const char *to)
+{
+	int r;
+
+	if (!self->p)
+		return PyErr_Format(PyExc_ValueError, "pump is closed");
+	Py_BEGIN_ALLOW_THREADS r = stop ? devmig_pump_stop_copy(self->p) : devmig_pump_quiesce_p2p(self->p);
+	Py_END_ALLOW_THREADS
+	if (r < 0)
+		return raise_err(DevmigError, r, devmig_state_name(devmig_dev_state(self->dev->dev)), to);
+	Py_RETURN_NONE;
+}
+
+static PyObject *pump_stop_copy(PumpObject *self, PyObject *unused)
+{
+	(void)unused;
+	return pump_request(self, 1, "STOP_COPY");
+}
+
+static PyObject *pump_quiesce_p2p(PumpObject *self, PyObject *unused)
+{
+	(void)unused;
+	return pump_request(self, 0, "PRE_COPY_P2P");
+}
+
+static PyObject *pump_cancel(PumpObject *self, PyObject *unused)
+{
+	(void)unused;
+	if (self->p)
+		devmig_pump_cancel(self->p);
+	Py_RETURN_NONE;
+}
+
+static PyObject *pump_wait(PumpObject *self, PyObject *arg)
+{
+	int ms = -1, done;
+
+	if (!self->p)
+		return PyErr_Format(PyExc_ValueError, "pump is closed");
+	if (arg != Py_None) {
+		double s = PyFloat_AsDouble(arg);
+		if (s == -1.0 && PyErr_Occurred())
+			return NULL;
+		ms = s <= 0 ? 0 : (int)(s * 1000.0);
+	}
+	Py_BEGIN_ALLOW_THREADS done = devmig_pump_wait(self->p, ms);
+	Py_END_ALLOW_THREADS
+	if (done)
+		pump_release(self);
+	return PyBool_FromLong(done);
+}
+
+static PyObject *pump_result(PumpObject *self, PyObject *unused)
+{
+	long r;
+
+	(void)unused;
+	if (!self->p)
+		return PyErr_Format(PyExc_ValueError, "pump is closed");
+	r = devmig_pump_result(self->p);
+	if (r == -EBUSY)
+		return PyErr_Format(PyExc_RuntimeError, "pump still running");
+	if (r < 0)
+		return raise_err(DevmigError, (int)r, devmig_state_name(devmig_dev_state(self->dev->dev)), NULL);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *pump_close(PumpObject *self, PyObject *unused)
+{
+	(void)unused;
+	if (self->p) {
+		Py_BEGIN_ALLOW_THREADS devmig_pump_free(self->p);
+		Py_END_ALLOW_THREADS
+		self->p = NULL;
+	}
+	pump_release(self);
+	Py_RETURN_NONE;
+}
+
+static PyMethodDef pump_methods[] = {
+	{ "progress", (PyCFunction)pump_progress, METH_NOARGS, "Counters (dict), readable while it runs." },
+	{ "stop_copy", (PyCFunction)pump_stop_copy, METH_NOARGS, "Move to STOP_COPY and finish; returns once stopped." },
+	{ "quiesce_p2p", (PyCFunction)pump_quiesce_p2p, METH_NOARGS, "PRE_COPY -> PRE_COPY_P2P." },
+	{ "cancel", (PyCFunction)pump_cancel, METH_NOARGS, "Stop sending (no trailer)." },
+	{ "wait", (PyCFunction)pump_wait, METH_O, "wait(timeout_s or None) -> ended." },
+	{ "result", (PyCFunction)pump_result, METH_NOARGS, "Payload bytes sent; raises on failure." },
+	{ "close", (PyCFunction)pump_close, METH_NOARGS, "Cancel if running, join, free." },
+	{ NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject PumpType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "devmig_native._native.Pump",
+	.tp_basicsize = sizeof(PumpObject),
+	.tp_dealloc = (destructor)pump_dealloc,
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Pump(device, fd, bandwidth_bps=0, round_interval_ms=50): stream a saving device to fd.",
+	.tp_methods = pump_methods,
+	.tp_new = pump_new,
+};
+
 static PyMethodDef methods[] = {
 	{ "version", py_version, METH_NOARGS, "Version of the native core." },
 	{ "state_name", py_state_name, METH_O, "Kernel name of a VFIO migration state value." },
@@ -627,7 +815,7 @@ PyMODINIT_FUNC PyInit__native(void)
 {
 	PyObject *m;
 
-	if (PyType_Ready(&DeviceType) < 0)
+	if (PyType_Ready(&DeviceType) < 0 || PyType_Ready(&PumpType) < 0)
 		return NULL;
 	m = PyModule_Create(&module);
 	if (!m)
@@ -639,7 +827,8 @@ PyMODINIT_FUNC PyInit__native(void)
 						"A devmig stream was refused; the device was reset.", DevmigError, NULL);
 	if (!DevmigError || !StreamError || PyModule_AddObjectRef(m, "DevmigError", DevmigError) < 0 ||
 	    PyModule_AddObjectRef(m, "StreamError", StreamError) < 0 ||
-	    PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0) {
+	    PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0 ||
+	    PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0) {
 		Py_DECREF(m);
 		return NULL;
 	}
