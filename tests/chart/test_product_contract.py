@@ -151,3 +151,33 @@ def test_the_alert_rules_query_metrics_and_labels_the_operator_exports(
     for f in (CHART / "values.yaml", CHART / "ci" / "monitoring-values.yaml"):
         limit = yaml.safe_load(f.read_text())["metrics"]["prometheusRule"]["downtimeLimitSeconds"]
         assert limit in metrics.DOWNTIME._upper_bounds, f
+
+
+def test_the_agents_paths_are_where_the_agent_looks_by_default(helm: Any, find_one: Any) -> None:
+    """The sockets and directories the chart mounts and names are the node
+    agent's own defaults, so the agent works even where it ignores the
+    environment the chart passes."""
+    from devmig_agent import domain_hook, hooks_kubevirt, journal, podresources
+
+    docs = helm.template([CHART / "ci" / "kubevirt-plugin-values.yaml"])
+    ds = find_one(docs, "DaemonSet", "-agent")
+    c = ds["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    plugin = find_one(docs, "Plugin")
+
+    assert plugin["spec"]["nodeHooks"][0]["socket"] == hooks_kubevirt.DEFAULT_SOCKET
+    assert env["DEVMIG_HOOK_SOCKET"] == hooks_kubevirt.DEFAULT_SOCKET
+    assert str(pathlib.PurePath(hooks_kubevirt.DEFAULT_SOCKET).parent) in mounts
+    assert env["DEVMIG_POD_RESOURCES_SOCKET"] == podresources.DEFAULT_SOCKET
+    assert str(pathlib.PurePath(podresources.DEFAULT_SOCKET).parent) in mounts
+    assert pathlib.PurePath(journal.DEFAULT_DIR).is_relative_to(env["DEVMIG_STATE_DIR"])
+    assert env["DEVMIG_STATE_DIR"] in mounts
+    # KubeVirt accepts a domain-hook sidecar socket only under
+    # /var/run/kubevirt-plugin/<Plugin name>/.
+    assert plugin["metadata"]["name"] == domain_hook.DEFAULT_PLUGIN_NAME
+    assert domain_hook.DEFAULT_SOCKET.startswith(
+        f"/var/run/kubevirt-plugin/{plugin['metadata']['name']}/"
+    )
+    # The agent serves mutual TLS from the directory the chart mounts.
+    assert env["DEVMIG_TLS_DIR"] == "/etc/devmig/tls" and "/etc/devmig/tls" in mounts
