@@ -220,7 +220,8 @@ class PodResourcesClient:
     kubelet restarts and re-creates the socket. Errors are
     ``PodResourcesError`` with reason ``KubeletUnavailable`` (no socket, or
     nothing answering within the connect timeout), ``RateLimited`` (the
-    kubelet allows 100 calls per second with a burst of 10) or
+    kubelet allows 100 calls per second with a burst of 10),
+    ``ResponseTooLarge`` (an answer over ``max_message_bytes``) or
     ``KubeletError``.
     """
 
@@ -275,6 +276,10 @@ class PodResourcesClient:
             code = e.code()
             details = e.details() or ""
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # Two causes share the code: the kubelet's rate limit, and an
+                # answer bigger than max_message_bytes (refused by this side).
+                if "larger than max" in details:
+                    raise PodResourcesError("ResponseTooLarge", details) from None
                 raise PodResourcesError("RateLimited", details) from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 # Let the next call wait for the (re-created) socket again.

@@ -331,3 +331,17 @@ def test_holders_come_from_a_real_list_call_end_to_end(
         "0000:af:00.0": "vms/db",
         "0000:af:00.1": "vms/db",
     }
+
+
+def test_an_answer_over_the_message_size_limit_is_response_too_large(
+    kubelet: StandInKubelet,
+) -> None:
+    # About 2 MiB of device ids: over a 1 MiB limit, well under the default 16 MiB.
+    ids = [f"{i:06d}-" + "x" * 200 for i in range(10_000)]
+    kubelet.pods = [launcher_pod("vms", "big", "r/x", ids)]
+    with PodResourcesClient(kubelet.socket_path, max_message_bytes=1024 * 1024) as small:
+        with pytest.raises(PodResourcesError) as e:
+            small.list_assignments()
+        assert e.value.reason == "ResponseTooLarge"
+    with PodResourcesClient(kubelet.socket_path) as default:
+        assert len(default.list_assignments()) == 10_000
