@@ -154,7 +154,10 @@ def test_the_same_values_pass_when_well_typed(helm: Any, tmp_path: pathlib.Path)
         tmp_path,
         "agent:\n  grpcPort: 50061\n"
         "  updateStrategy:\n    rollingUpdate:\n      maxUnavailable: 10%\n"
-        "crds:\n  install: false\nimage:\n  pullPolicy: Always\n",
+        "crds:\n  install: false\nimage:\n  pullPolicy: Always\n"
+        # Quantities may be numbers, and a default may be removed with null.
+        "operator:\n  resources:\n    requests:\n      cpu: 2\n    limits:\n      memory: null\n",
     )
     assert proc.returncode == 0, proc.stderr
     assert "0.0.0.0:50061" in proc.stdout
+    assert "cpu: 2\n" in proc.stdout
