@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import signal
 import socket
 import sys
@@ -12,7 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from devmig_agent import security, server
+from devmig_agent import datapath, devices, journal, security, server, sessions
 
 log = logging.getLogger("devmig_agent")
 
@@ -33,6 +34,28 @@ def main(argv: list[str] | None = None) -> int:
         help="directory with ca.crt, tls.crt, tls.key for mutual TLS (env DEVMIG_TLS_DIR)",
     )
     p.add_argument(
+        "--sim",
+        default=os.environ.get("DEVMIG_SIM", ""),
+        metavar="SPEC",
+        help="serve simulated devices, e.g. count=2,size=64MiB,dirty=16 (env DEVMIG_SIM)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("DEVMIG_STATE_DIR", "/var/lib/devmig"),
+        help="where the session journal lives (env DEVMIG_STATE_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--data-listen",
+        default="",
+        help="host:port for device-state streams from peer agents "
+        "(default: the gRPC host, port from DEVMIG_DATA_PORT or any free one)",
+    )
+    p.add_argument(
+        "--advertise-host",
+        default=os.environ.get("POD_IP", ""),
+        help="address peers and the operator use to reach this agent (env POD_IP)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="serve without TLS on a non-loopback address (never in production)",
@@ -40,15 +63,46 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS))
-    server.add_to_server(srv, a.node_name)
     host = a.listen.rsplit(":", 1)[0]
+    tls = None
     if a.tls_dir:
         try:
-            creds = security.TlsFiles.load(a.tls_dir).server_credentials()
+            tls = security.TlsFiles.load(a.tls_dir)
         except security.TlsConfigError as e:
             log.error("%s", e)
             return 1
-        port = srv.add_secure_port(a.listen, creds)
+    registry, sessions_ = None, None
+    if a.sim:
+        try:
+            spec = devices.SimSpec.parse(a.sim)
+        except ValueError as e:
+            log.error("--sim: %s", e)
+            return 2
+        registry = devices.simulated(a.node_name, spec)
+        j = journal.Journal(pathlib.Path(a.state_dir) / "sessions")
+        try:
+            j.directory.mkdir(parents=True, exist_ok=True)
+            j.load()
+        except OSError as e:
+            log.error("cannot use the session journal in %s: %s", j.directory, e)
+            return 1
+        data_host, _, data_port = (
+            a.data_listen or f"{host}:{os.environ.get('DEVMIG_DATA_PORT', '0')}"
+        ).rpartition(":")
+        manager: list[sessions.SessionManager] = []
+        dp = datapath.DataPath(
+            data_host,
+            int(data_port),
+            lambda s, e: manager[0].on_transfer_done(s, e),
+            tls,
+            a.advertise_host or data_host,
+        )
+        manager.append(sessions.SessionManager(registry, j, dp))
+        sessions_ = manager[0]
+        log.info("%d simulated device(s); device state accepted on %s", spec.count, dp.advertise)
+    server.add_to_server(srv, a.node_name, registry, sessions_)
+    if tls is not None:
+        port = srv.add_secure_port(a.listen, tls.server_credentials())
     elif security.is_loopback(host) or a.insecure:
         port = srv.add_insecure_port(a.listen)
     else:

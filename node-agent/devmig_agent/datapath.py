@@ -1,0 +1,325 @@
+"""The device-state data path between two agents.
+
+Control goes over gRPC; device state goes source agent -> target agent
+over a dedicated TCP connection per session, pumped by the native core. A
+connection opens with a one-line hello naming the session and carrying its
+token; the target accepts a stream only for a session it prepared, with the
+right token, once. Then the bytes are devmig's own stream format
+(versioned header, sequence-numbered CRC32C frames, digest trailer), which
+the target's native sink verifies before the device may leave RESUMING.
+
+With TLS configured (the chart's certificates), the connection is mutual
+TLS. The native pump works on a plain fd, so a TLS connection is bridged
+through a local socketpair by a relay thread; without TLS (loopback tests,
+labs) the pump writes to the TCP socket directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import devmig_native
+from devmig_agent import security
+from devmig_agent.sessions import Progress, Session, token_matches
+
+log = logging.getLogger(__name__)
+
+HELLO_VERSION = 1
+# A hello is one JSON line of a few hundred bytes; 4 KiB bounds what a
+# hostile peer can make us buffer before we refuse it.
+MAX_HELLO = 4096
+# Seconds a peer has to send its hello, and a source to connect: generous
+# for a loaded node, short enough that a stuck peer does not hold a slot.
+HELLO_TIMEOUT_S = 10.0
+# Wait at a pre-copy temporary end before asking the device again, ms: the
+# device has nothing more until its workload dirties pages; 50 ms bounds
+# the lag of what a round sends behind what was dirtied, and costs one
+# PRECOPY_INFO ioctl per round.
+ROUND_INTERVAL_MS = 50
+# Relay buffer for TLS bridging, bytes: a few socket buffers' worth.
+RELAY_CHUNK = 1 << 20
+
+Done = Callable[[Session, Exception | None], None]
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("peer closed during hello")
+        buf += chunk
+        if len(buf) > MAX_HELLO:
+            raise ConnectionError("hello too long")
+    return buf
+
+
+def _relay(src: Any, dst: Any) -> None:
+    """Copy until EOF, then half-close ``dst``."""
+    try:
+        while True:
+            b = src.recv(RELAY_CHUNK)
+            if not b:
+                break
+            dst.sendall(b)
+    except OSError:
+        pass
+    finally:
+        try:
+            if isinstance(dst, ssl.SSLSocket):
+                dst.unwrap()
+            else:
+                dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _plain_fd(conn: socket.socket, direction: str) -> tuple[int, list[Any]]:
+    """An fd the native code can use for ``conn``: the socket itself, or for
+    a TLS socket one end of a socketpair relayed to it. Returns the fd and
+    what to keep alive."""
+    if not isinstance(conn, ssl.SSLSocket):
+        return conn.fileno(), [conn]
+    a, b = socket.socketpair()
+    if direction == "send":
+        t = threading.Thread(target=_relay, args=(b, conn), daemon=True, name="tls-relay-out")
+    else:
+        t = threading.Thread(target=_relay, args=(conn, b), daemon=True, name="tls-relay-in")
+    t.start()
+    return a.fileno(), [conn, a, b, t]
+
+
+class _Sink:
+    """Target side of one session: the native receiver on a thread."""
+
+    def __init__(self, session: Session, conn: socket.socket, done: Done) -> None:
+        self.session = session
+        self.fd, self._keep = _plain_fd(conn, "receive")
+        self._cancelled = False
+        self._thread = threading.Thread(
+            target=self._run, args=(done,), daemon=True, name=f"sink-{session.id}"
+        )
+        self._thread.start()
+
+    def _run(self, done: Done) -> None:
+        err: Exception | None = None
+        try:
+            # Releases the GIL; verifies the whole stream before the device
+            # leaves RESUMING, and resets it on any failure.
+            self.session.device.handle.receive_stream(self.fd)
+        except (devmig_native.DevmigError, OSError) as e:
+            err = e
+        finally:
+            for k in self._keep:
+                if isinstance(k, socket.socket):
+                    k.close()
+        if not self._cancelled:
+            done(self.session, err)
+
+    def progress(self) -> Progress:
+        return self.session.progress
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for k in self._keep:
+            if isinstance(k, socket.socket):
+                with contextlib.suppress(OSError):
+                    k.shutdown(socket.SHUT_RDWR)
+
+
+class DataPath:
+    """Listens for device-state streams and connects to peers."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        done: Done,
+        tls: security.TlsFiles | None = None,
+        advertise_host: str = "",
+    ) -> None:
+        self._done = done
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._pending: dict[str, Session] = {}
+        self._active: dict[str, Any] = {}
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self.port = self._listener.getsockname()[1]
+        self.advertise = f"{advertise_host or host}:{self.port}"
+        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        if tls is not None:
+            self._server_ctx, self._client_ctx = _contexts(tls)
+        self._stopping = False
+        threading.Thread(target=self._accept_loop, daemon=True, name="datapath-accept").start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._listener.close()
+
+    # ------------------------------------------------------------ target
+
+    def open_receiver(self, session: Session) -> str:
+        with self._lock:
+            self._pending[session.id] = session
+        return self.advertise
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hello, args=(conn, peer), daemon=True).start()
+
+    def _hello(self, raw: socket.socket, peer: Any) -> None:
+        conn: socket.socket = raw
+        try:
+            raw.settimeout(HELLO_TIMEOUT_S)
+            if self._server_ctx is not None:
+                conn = self._server_ctx.wrap_socket(raw, server_side=True)
+            hello = json.loads(_read_line(conn))
+            if not isinstance(hello, dict) or hello.get("v") != HELLO_VERSION:
+                raise ConnectionError(f"unsupported hello {hello!r:.80}")
+            sid, token = str(hello.get("session", "")), str(hello.get("token", ""))
+            with self._lock:
+                s = self._pending.get(sid)
+                if s is None or not token_matches(token, s.token_sha256):
+                    raise ConnectionError(f"no prepared session {sid!r} with that token")
+                del self._pending[sid]  # one stream per session
+            conn.sendall(b"OK\n")
+            conn.settimeout(None)
+            sink = _Sink(s, conn, self._done)
+            with self._lock:
+                self._active[sid] = sink
+            s.transfer = sink
+            log.info("session %s: receiving from %s", sid, peer)
+        except (OSError, ValueError, ConnectionError) as e:
+            log.warning("data connection from %s refused: %s", peer, e)
+            with contextlib.suppress(OSError):
+                conn.sendall(f"ERR {e}\n".encode()[:MAX_HELLO])
+            conn.close()
+
+    # ------------------------------------------------------------ source
+
+    def start_sender(self, session: Session, endpoint: str, bandwidth: int) -> Any:
+        host, _, port = endpoint.rpartition(":")
+        raw = socket.create_connection((host.strip("[]"), int(port)), timeout=HELLO_TIMEOUT_S)
+        conn: socket.socket = raw
+        if self._client_ctx is not None:
+            conn = self._client_ctx.wrap_socket(raw, server_hostname=None)
+        conn.sendall(
+            json.dumps({"v": HELLO_VERSION, "session": session.id, "token": session.token}).encode()
+            + b"\n"
+        )
+        reply = _read_line(conn)
+        if reply != b"OK\n":
+            conn.close()
+            raise ConnectionRefusedError(reply.decode(errors="replace").strip())
+        conn.settimeout(None)
+        fd, keep = _plain_fd(conn, "send")
+        pump = devmig_native.Pump(session.device.handle, fd, bandwidth, ROUND_INTERVAL_MS)
+        sender = _Sender(session, pump, keep, self._done)
+        with self._lock:
+            self._active[session.id] = sender
+        return sender
+
+    def close(self, session: Session) -> None:
+        with self._lock:
+            self._pending.pop(session.id, None)
+            t = self._active.pop(session.id, None)
+        if t is not None:
+            t.cancel()
+
+
+class _Sender:
+    """Source side of one session: the native pump, and a thread that
+    reports its end."""
+
+    def __init__(
+        self, session: Session, pump: devmig_native.Pump, keep: list[Any], done: Done
+    ) -> None:
+        self.session = session
+        self.pump = pump
+        self._keep = keep
+        self._cancelled = False
+        threading.Thread(
+            target=self._wait, args=(done,), daemon=True, name=f"pump-{session.id}"
+        ).start()
+
+    def _wait(self, done: Done) -> None:
+        err: Exception | None = None
+        try:
+            self.pump.wait(None)
+            self.pump.result()
+        except (devmig_native.DevmigError, OSError) as e:
+            err = e
+        finally:
+            for k in self._keep:
+                if isinstance(k, socket.socket):
+                    k.close()
+        if not self._cancelled:
+            done(self.session, err)
+
+    def stop_copy(self) -> None:
+        self.pump.stop_copy()
+
+    def quiesce_p2p(self) -> None:
+        self.pump.quiesce_p2p()
+
+    def progress(self) -> Progress:
+        p = self.pump.progress()
+        return Progress(
+            bytes_sent=p.bytes_sent,
+            remaining_bytes=p.remaining_bytes,
+            dirty_rate_bytes_per_second=p.dirty_rate_bps,
+            throughput_bytes_per_second=p.throughput_bps,
+            pre_copy_iterations=p.rounds,
+        )
+
+    @property
+    def stopped_at_ns(self) -> int:
+        return self.pump.progress().stopped_at_ns
+
+    def cancel(self) -> None:
+        """Stop the pump and wait for it, so the device is free again."""
+        self._cancelled = True
+        self.pump.cancel()
+        for k in self._keep:
+            if isinstance(k, socket.socket):
+                with contextlib.suppress(OSError):
+                    k.shutdown(socket.SHUT_RDWR)
+        self.pump.wait(None)
+
+
+def _contexts(tls: security.TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Mutual-TLS contexts from the chart's files. Peers are dialled by IP
+    and share one certificate, so the client checks the chain (the CA), not
+    a host name."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = {}
+        for name, data in (("ca.crt", tls.ca), ("tls.crt", tls.cert), ("tls.key", tls.key)):
+            p = os.path.join(d, name)
+            with open(p, "wb") as f:
+                f.write(data)
+            paths[name] = p
+        srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        srv.load_cert_chain(paths["tls.crt"], paths["tls.key"])
+        srv.load_verify_locations(paths["ca.crt"])
+        srv.verify_mode = ssl.CERT_REQUIRED
+        cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        cli.load_cert_chain(paths["tls.crt"], paths["tls.key"])
+        cli.load_verify_locations(paths["ca.crt"])
+        cli.check_hostname = False
+        cli.verify_mode = ssl.CERT_REQUIRED
+    return srv, cli

@@ -1,0 +1,166 @@
+"""The devices an agent drives, and which session holds each.
+
+A device is opened once and held for the agent's lifetime (as the VMM's
+duplicate fd would keep it alive on a real node); sessions borrow it. On
+nodes without migratable hardware, and in tests and the demo, the devices
+are simulated devices from the native core: the kernel's semantics, no
+hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import zlib
+
+import devmig_native
+from devmig_agent.inventory import InventoryDevice
+
+# What a simulated device presents: a virtio-class vendor id (0x1af4) and a
+# device id from its experimental range, so it can never be mistaken for
+# real hardware, and a driver name that says what it is.
+SIM_VENDOR_ID = 0x1AF4
+SIM_DEVICE_ID = 0x10F0
+SIM_DRIVER = "devmig-sim"
+SIM_RESOURCE = "devmig.io/sim"
+
+
+class DeviceBusy(Exception):
+    pass
+
+
+class UnknownDevice(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class ManagedDevice:
+    info: InventoryDevice
+    handle: devmig_native.Device
+    session_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+
+class DeviceRegistry:
+    """Devices by id, with at most one session holding each."""
+
+    def __init__(self, devices: list[ManagedDevice]) -> None:
+        self._lock = threading.Lock()
+        self._devices = {d.id: d for d in devices}
+        self.changed = threading.Condition(self._lock)
+        self.generation = 0
+
+    def get(self, device_id: str) -> ManagedDevice:
+        with self._lock:
+            d = self._devices.get(device_id)
+        if d is None:
+            raise UnknownDevice(f"no device {device_id!r} on this node")
+        return d
+
+    def hold(self, device_id: str, session_id: str) -> ManagedDevice:
+        """Reserve the device for a session; idempotent for the holder."""
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is None:
+                raise UnknownDevice(f"no device {device_id!r} on this node")
+            if d.session_id and d.session_id != session_id:
+                raise DeviceBusy(f"device {device_id} is held by session {d.session_id}")
+            if not d.session_id:
+                d.session_id = session_id
+                self._bump()
+            return d
+
+    def release(self, device_id: str, session_id: str) -> None:
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is not None and d.session_id == session_id:
+                d.session_id = ""
+                self._bump()
+
+    def all(self) -> list[ManagedDevice]:
+        with self._lock:
+            return sorted(self._devices.values(), key=lambda d: d.id)
+
+    def _bump(self) -> None:
+        self.generation += 1
+        self.changed.notify_all()
+
+
+def parse_size(s: str) -> int:
+    """'64MiB', '1GiB', '4096' -> bytes."""
+    m = re.fullmatch(r"(\d+)\s*(KiB|MiB|GiB)?", s.strip())
+    if not m:
+        raise ValueError(f"not a size: {s!r} (e.g. 64MiB)")
+    mult = {None: 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)]
+    return int(m.group(1)) * mult
+
+
+@dataclasses.dataclass(frozen=True)
+class SimSpec:
+    """``--sim count=2,size=64MiB,dirty=16``: devices, state size each, and
+    pages (4 KiB) the running workload dirties per MiB of state between
+    pre-copy rounds."""
+
+    count: int = 1
+    size: int = 16 << 20
+    dirty: int = 0
+
+    @classmethod
+    def parse(cls, s: str) -> SimSpec:
+        kv: dict[str, str] = {}
+        for part in filter(None, s.split(",")):
+            k, _, v = part.partition("=")
+            kv[k.strip()] = v.strip()
+        unknown = set(kv) - {"count", "size", "dirty"}
+        if unknown:
+            raise ValueError(f"unknown --sim key(s): {', '.join(sorted(unknown))}")
+        return cls(
+            count=int(kv.get("count", cls.count)),
+            size=parse_size(kv["size"]) if "size" in kv else cls.size,
+            dirty=int(kv.get("dirty", cls.dirty)),
+        )
+
+
+def simulated(node: str, spec: SimSpec) -> DeviceRegistry:
+    """Simulated devices named ``sim-<node>-<n>``, all compatible with one
+    another across nodes (same ids, driver and version), so any node's
+    device can receive any other's state."""
+    flags = (
+        devmig_native.MigFlags.STOP_COPY
+        | devmig_native.MigFlags.P2P
+        | devmig_native.MigFlags.PRE_COPY
+    )
+    out = []
+    for i in range(spec.count):
+        handle = devmig_native.SimDevice(
+            flags=flags,
+            mem_size=spec.size,
+            dirty_pages_per_mib=spec.dirty,
+            # Distinct contents per device and node, so a test can tell
+            # whose state a target received.
+            seed=zlib.crc32(f"{node}/{i}".encode()),
+            vendor_id=SIM_VENDOR_ID,
+            device_id=SIM_DEVICE_ID,
+            driver=SIM_DRIVER,
+        )
+        info = InventoryDevice(
+            id=f"sim-{node}-{i}",
+            resource_name=SIM_RESOURCE,
+            vendor_id=SIM_VENDOR_ID,
+            device_id=SIM_DEVICE_ID,
+            subsystem_vendor_id=SIM_VENDOR_ID,
+            subsystem_device_id=0x0001,
+            driver=SIM_DRIVER,
+            driver_version=devmig_native.version(),
+            migration_flags=("STOP_COPY", "P2P", "PRE_COPY"),
+            dirty_tracking=("DMA_LOGGING",),
+            estimated_state_bytes=spec.size,
+            migratable=True,
+            health="Healthy",
+        )
+        out.append(ManagedDevice(info, handle))
+    return DeviceRegistry(out)

@@ -1,0 +1,210 @@
+"""Two agents on loopback migrate a simulated device through the API, as the
+operator drives them: the target resumes with exactly the source's state;
+rollbacks leave the device RUNNING on exactly one node; bad tokens and bad
+streams change nothing."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from devmig.agent.v1alpha1 import agent_pb2 as pb
+from devmig.agent.v1alpha1 import agent_pb2_grpc
+from devmig_agent import datapath, devices, journal, server, sessions
+from devmig_native import MigState
+
+
+@dataclass
+class Agent:
+    name: str
+    registry: devices.DeviceRegistry
+    manager: sessions.SessionManager
+    stub: agent_pb2_grpc.NodeAgentStub
+    grpc_server: grpc.Server
+    data: datapath.DataPath
+
+
+def start_agent(name: str, state: pathlib.Path, size: int = 4 << 20, dirty: int = 32) -> Agent:
+    reg = devices.simulated(name, devices.SimSpec(count=2, size=size, dirty=dirty))
+    j = journal.Journal(state / name)
+    j.directory.mkdir(parents=True)
+    j.load()
+    holder: list[sessions.SessionManager] = []
+    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
+    holder.append(sessions.SessionManager(reg, j, dp))
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_to_server(srv, name, reg, holder[0])
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return Agent(name, reg, holder[0], agent_pb2_grpc.NodeAgentStub(ch), srv, dp)
+
+
+@pytest.fixture
+def agents(tmp_path: pathlib.Path) -> Iterator[tuple[Agent, Agent]]:
+    a, b = start_agent("node-a", tmp_path), start_agent("node-b", tmp_path)
+    yield a, b
+    for x in (a, b):
+        x.grpc_server.stop(None)
+        x.data.shutdown()
+
+
+REF = pb.SessionRef(session_id="dm-1-0", token="secret-token")
+SRC_DEV, DST_DEV = "sim-node-a-0", "sim-node-b-0"
+
+
+def prepare(a: Agent, b: Agent, ref: pb.SessionRef = REF) -> str:
+    a.stub.PrepareSource(pb.PrepareSourceRequest(session=ref, device_id=SRC_DEV), timeout=10)
+    pt = b.stub.PrepareTarget(pb.PrepareTargetRequest(session=ref, device_id=DST_DEV), timeout=10)
+    assert pt.status.device_state == pb.VFIO_DEVICE_STATE_RESUMING
+    assert pt.data_endpoint.startswith("127.0.0.1:")
+    return pt.data_endpoint
+
+
+def until_rounds(a: Agent, n: int) -> pb.SessionStatus:
+    w = a.stub.WatchSession(
+        pb.WatchSessionRequest(session=REF, progress_interval_ms=10), timeout=30
+    )
+    for msg in w:
+        if msg.status.progress.pre_copy_iterations >= n:
+            w.cancel()
+            return msg.status
+    raise AssertionError("pre-copy never reached the rounds")
+
+
+def target_final(b: Agent) -> pb.SessionStatus:
+    last = None
+    for msg in b.stub.WatchSession(pb.WatchSessionRequest(session=REF), timeout=30):
+        last = msg.status
+        if last.phase in (pb.SESSION_PHASE_TRANSFERRED, pb.SESSION_PHASE_FAILED):
+            break
+    assert last is not None
+    return last
+
+
+def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agent]) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    st = a.stub.StartPreCopy(
+        pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint)
+    ).status
+    assert st.phase == pb.SESSION_PHASE_PRE_COPY
+    assert st.device_state == pb.VFIO_DEVICE_STATE_PRE_COPY
+    st = until_rounds(a, 2)
+    assert st.progress.bytes_sent >= 4 << 20  # the initial state streamed while running
+    st = a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF])).status
+    assert st.phase == pb.SESSION_PHASE_STOP_COPY and st.stopped_at_unix_nanos > 0
+    assert target_final(b).phase == pb.SESSION_PHASE_TRANSFERRED
+    src_digest = a.registry.get(SRC_DEV).handle.stats().mem_digest  # type: ignore[attr-defined]
+    r = b.stub.Resume(pb.ResumeRequest(session=REF)).status
+    assert r.device_state == pb.VFIO_DEVICE_STATE_RUNNING and r.running_at_unix_nanos > 0
+    dst = b.registry.get(DST_DEV).handle
+    assert dst.stats().mem_digest == src_digest  # type: ignore[attr-defined]
+    # Idempotent repeats answer with the same state.
+    assert b.stub.Resume(pb.ResumeRequest(session=REF)).status.device_state == r.device_state
+    assert (
+        b.stub.FinishSession(pb.FinishSessionRequest(session=REF)).status.phase
+        == pb.SESSION_PHASE_SUCCEEDED
+    )
+    s = a.stub.FinishSession(pb.FinishSessionRequest(session=REF)).status
+    assert s.phase == pb.SESSION_PHASE_SUCCEEDED and s.device_state == pb.VFIO_DEVICE_STATE_STOP
+    # Exactly one node runs it now, and both devices are free again.
+    assert a.registry.get(SRC_DEV).handle.state is MigState.STOP
+    assert dst.state is MigState.RUNNING
+    assert not a.registry.get(SRC_DEV).session_id and not b.registry.get(DST_DEV).session_id
+    # A finished session cannot be rolled back on the target.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.Abort(pb.AbortRequest(session=REF))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details().startswith("PastCommitPoint")
+    # The journal recorded the outcome on both sides.
+    assert a.manager.journal.get("dm-1-0").phase == "SUCCEEDED"  # type: ignore[union-attr]
+    assert b.manager.journal.get("dm-1-0").phase == "SUCCEEDED"  # type: ignore[union-attr]
+
+
+def test_abort_during_pre_copy_leaves_the_source_running_and_resets_the_target(
+    agents: tuple[Agent, Agent],
+) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    until_rounds(a, 1)
+    s = a.stub.Abort(pb.AbortRequest(session=REF, reason="test")).status
+    assert s.phase == pb.SESSION_PHASE_ABORTED and s.device_state == pb.VFIO_DEVICE_STATE_RUNNING
+    t = b.stub.Abort(pb.AbortRequest(session=REF, reason="test")).status
+    assert t.phase == pb.SESSION_PHASE_ABORTED
+    assert b.registry.get(DST_DEV).handle.state is MigState.RUNNING  # reset, its own state
+    assert a.registry.get(SRC_DEV).handle.state is MigState.RUNNING
+    # Abort is idempotent, and an unknown session has nothing to roll back.
+    assert a.stub.Abort(pb.AbortRequest(session=REF)).status.phase == pb.SESSION_PHASE_ABORTED
+    other = pb.SessionRef(session_id="never", token="x")
+    assert not a.stub.Abort(pb.AbortRequest(session=other)).HasField("status")
+
+
+def test_a_wrong_token_is_refused_and_changes_nothing(agents: tuple[Agent, Agent]) -> None:
+    a, b = agents
+    prepare(a, b)
+    bad = pb.SessionRef(session_id=REF.session_id, token="guess")
+    for call in (
+        lambda: a.stub.GetSession(pb.GetSessionRequest(session=bad)),
+        lambda: a.stub.StartPreCopy(
+            pb.StartPreCopyRequest(session=bad, target_data_endpoint="x:1")
+        ),
+        lambda: b.stub.Abort(pb.AbortRequest(session=bad)),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.details().startswith("BadSessionToken")
+    assert a.registry.get(SRC_DEV).handle.state is MigState.RUNNING
+    assert b.registry.get(DST_DEV).handle.state is MigState.RESUMING
+
+
+def test_a_device_held_by_one_session_is_busy_for_another(agents: tuple[Agent, Agent]) -> None:
+    a, b = agents
+    prepare(a, b)
+    other = pb.SessionRef(session_id="dm-2-0", token="t2")
+    with pytest.raises(grpc.RpcError) as e:
+        a.stub.PrepareSource(pb.PrepareSourceRequest(session=other, device_id=SRC_DEV))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details().startswith("DeviceBusy")
+    with pytest.raises(grpc.RpcError) as e:
+        a.stub.PrepareSource(pb.PrepareSourceRequest(session=other, device_id="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stranger_on_the_data_port_is_refused_and_the_target_waits_on(
+    agents: tuple[Agent, Agent],
+) -> None:
+    import socket
+
+    a, b = agents
+    endpoint = prepare(a, b)
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b'{"v": 1, "session": "dm-1-0", "token": "guess"}\n')
+        assert s.recv(100).startswith(b"ERR ")
+    # The real source still gets in afterwards.
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF))
+    assert target_final(b).phase == pb.SESSION_PHASE_TRANSFERRED
+
+
+def test_a_corrupted_stream_fails_the_target_which_never_runs(agents: tuple[Agent, Agent]) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    # The source device corrupts one byte of what it produces.
+    a.registry.get(SRC_DEV).handle.corrupt(1000)  # type: ignore[attr-defined]
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF))
+    t = target_final(b)
+    assert t.phase == pb.SESSION_PHASE_FAILED and t.reason == "StreamFailed"
+    assert b.registry.get(DST_DEV).handle.state is MigState.RUNNING  # reset: its own state
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.Resume(pb.ResumeRequest(session=REF))
+    assert e.value.details().startswith("StreamNotVerified")
