@@ -188,10 +188,10 @@ def parse_vmi(raw_json: bytes, node_name: str) -> HookVmi:
         raise HookError(
             HookErrorKind.INVALID, "BadDevicesAnnotation", f"{DEVICES_ANNOTATION} is not a string"
         )
-    status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
-    assert isinstance(status, dict)
-    ms = status.get("migrationState") if isinstance(status.get("migrationState"), dict) else {}
-    assert isinstance(ms, dict)
+    status = obj.get("status")
+    ms = status.get("migrationState") if isinstance(status, dict) else None
+    if not isinstance(ms, dict):
+        ms = {}
 
     def s(d: Mapping[str, Any], k: str) -> str:
         v = d.get(k)
