@@ -287,6 +287,17 @@ int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 	p->interval_ms = round_interval_ms;
 	p->prog.state = d->state;
 	p->win_start = p->bw_start = p->dirty_win_start = mono_ns();
+	/* Seed the counters before the thread runs, so progress never reads
+	 * "0 bytes remaining" merely because no round has finished yet. */
+	if (d->state != DEVMIG_STATE_STOP_COPY) {
+		struct devmig_precopy_info pi;
+
+		if (devmig_precopy_info(d, &pi) == 0) {
+			p->prog.initial_bytes = pi.initial_bytes;
+			p->prog.dirty_bytes = pi.dirty_bytes;
+			p->dirty_prev_remaining = pi.initial_bytes + pi.dirty_bytes;
+		}
+	}
 	pthread_mutex_init(&p->mu, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

@@ -81,6 +81,17 @@ class DeviceRegistry:
                 d.session_id = ""
                 self._bump()
 
+    def set_holder(self, device_id: str, vmi: str) -> None:
+        """Record the VMI (namespace/name) holding a device."""
+        d = self.get(device_id)
+        with self._lock:
+            d.info = dataclasses.replace(d.info, vmi=vmi)
+            self._bump()
+
+    def inventory(self) -> list[InventoryDevice]:
+        """What the node's NodeDeviceInventory lists."""
+        return [d.info for d in self.all()]
+
     def all(self) -> list[ManagedDevice]:
         with self._lock:
             return sorted(self._devices.values(), key=lambda d: d.id)

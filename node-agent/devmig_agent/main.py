@@ -9,17 +9,29 @@ import pathlib
 import signal
 import socket
 import sys
+import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 
-from devmig_agent import datapath, devices, journal, security, server, sessions
+from devmig_agent import datapath, devices, inventory, journal, security, server, sessions
 
 log = logging.getLogger("devmig_agent")
 
 # Worker threads for unary RPCs; streaming RPCs hold a thread each, and a
 # node runs a handful of sessions at most, so 16 leaves ample headroom.
 MAX_WORKERS = 16
+
+
+def kube_api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi(client.ApiClient())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("DEVMIG_SIM", ""),
         metavar="SPEC",
         help="serve simulated devices, e.g. count=2,size=64MiB,dirty=16 (env DEVMIG_SIM)",
+    )
+    p.add_argument(
+        "--sim-holder",
+        action="append",
+        default=[],
+        metavar="N=NAMESPACE/VMI",
+        help="simulated device N is held by that VMI (no kubelet tells us on a lab node)",
+    )
+    p.add_argument(
+        "--publish-inventory",
+        action="store_true",
+        # In a pod the kubelet mounts a ServiceAccount token here.
+        default=os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        help="publish this node's NodeDeviceInventory (default: when running in a cluster; "
+        "uses the in-cluster config or KUBECONFIG)",
     )
     p.add_argument(
         "--state-dir",
@@ -79,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             log.error("--sim: %s", e)
             return 2
         registry = devices.simulated(a.node_name, spec)
+        for h in a.sim_holder:
+            idx, _, vmi = h.partition("=")
+            try:
+                registry.set_holder(f"sim-{a.node_name}-{int(idx)}", vmi)
+            except (ValueError, devices.UnknownDevice) as e:
+                log.error("--sim-holder %s: %s", h, e)
+                return 2
         j = journal.Journal(pathlib.Path(a.state_dir) / "sessions")
         try:
             j.directory.mkdir(parents=True, exist_ok=True)
@@ -115,10 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s", a.listen)
         return 1
     srv.start()
+    stop = threading.Event()
+    if a.publish_inventory:
+        adv = f"{a.advertise_host or host}:{port}"
+        pub = inventory.InventoryPublisher(
+            kube_api(),
+            a.node_name,
+            (registry or devices.DeviceRegistry([])).inventory,
+            agent_endpoint=adv,
+        )
+        threading.Thread(target=pub.run, args=(stop,), daemon=True, name="inventory").start()
     # The first stdout line is machine-readable so launchers can find the port.
     print(f"LISTENING {host}:{port}", flush=True)
     log.info("agent for node %s serving on %s:%d", a.node_name, host, port)
-    signal.signal(signal.SIGTERM, lambda *_: srv.stop(grace=5))
+
+    def terminate(*_: object) -> None:
+        stop.set()
+        srv.stop(grace=5)
+
+    signal.signal(signal.SIGTERM, terminate)
     srv.wait_for_termination()
     return 0
 

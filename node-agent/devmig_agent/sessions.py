@@ -356,7 +356,8 @@ class SessionManager:
                 raise SessionError(
                     Code.FAILED_PRECONDITION,
                     "StreamNotVerified",
-                    f"session {session_id} is {s.phase.value}: {s.message or 'stream not complete'}",
+                    f"session {session_id} is {s.phase.value}: "
+                    f"{s.message or 'stream not complete'}",
                 )
             return self._snapshot(s)
 
@@ -435,11 +436,10 @@ class SessionManager:
                 s.phase = Phase.FAILED
                 s.reason = "StreamFailed" if s.role is Role.TARGET else "SendFailed"
                 s.message = str(error)
-                if s.role is Role.TARGET:
-                    # Never resume a device from a stream that failed: the
-                    # native sink already reset it; make sure.
-                    if s.device.handle.state is not MigState.RUNNING:
-                        s.device.handle.reset()
+                # Never resume a device from a stream that failed: the
+                # native sink already reset it; make sure.
+                if s.role is Role.TARGET and s.device.handle.state is not MigState.RUNNING:
+                    s.device.handle.reset()
             self._record(s)
 
     def _snapshot(self, s: Session) -> Snapshot:

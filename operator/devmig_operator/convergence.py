@@ -40,6 +40,9 @@ def decide(
     max_s = float(policy.get("preCopyTimeoutSeconds", 300))
     force = policy.get("onNonConvergence", "Abort") == "ForceStopCopy"
 
+    if iterations == 0:
+        # No round finished: the device has not yet said what it holds.
+        return Verdict(Decision.CONTINUE, None, "pre-copy started: waiting for the first round")
     est_ms = (
         remaining_bytes / throughput_bytes_per_s * 1000.0 if throughput_bytes_per_s > 0 else None
     )

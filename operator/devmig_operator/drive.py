@@ -125,5 +125,22 @@ def reconcile(
             )
             patch.update(result.status)
             _write(ctx, patch)
+            if result.delay <= 0:
+                continue  # recorded; go on at once (e.g. past the commit point)
             return result.delay
+        if committed:
+            # Past the commit point there is no rollback: the target runs.
+            # Record the problem and retry the remaining forward steps.
+            _write(
+                ctx,
+                phase_status(
+                    ctx.status,
+                    phase,
+                    ctx.generation,
+                    at,
+                    result.reason,
+                    f"retrying after the commit point: {result.message}",
+                ),
+            )
+            return COMMITTED_RETRY_S
         _start_rollback(ctx, Phase.FAILED, result.reason, result.message, emit)

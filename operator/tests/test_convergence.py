@@ -22,11 +22,17 @@ def test_state_too_large_for_the_limit_keeps_pre_copying() -> None:
 
 
 def test_nothing_left_to_send_has_converged_whatever_the_rate() -> None:
-    assert decide(0, 0, 0, 0, 0, POLICY).decision is Decision.STOP_AND_COPY
+    assert decide(0, 0, 0, 1, 0, POLICY).decision is Decision.STOP_AND_COPY
+
+
+def test_before_the_first_round_nothing_is_known_so_pre_copy_continues() -> None:
+    # Zero remaining before any round means "not asked yet", not "done".
+    v = decide(0, 0, 0, 0, 0, POLICY)
+    assert v.decision is Decision.CONTINUE and "first round" in v.message
 
 
 def test_without_a_measured_rate_pre_copy_continues() -> None:
-    v = decide(10 * MiB, 0, 0, 0, 1, POLICY)
+    v = decide(10 * MiB, 0, 0, 1, 1, POLICY)
     assert v.decision is Decision.CONTINUE and "unknown" in v.message
 
 

@@ -12,6 +12,7 @@ from devmig.agent.v1alpha1 import agent_pb2
 from devmig_operator import agents as agentsmod
 from devmig_operator.conditions import Phase, Reason
 from devmig_operator.context import Context
+from devmig_operator.phases.pre_copy import device_progress
 from devmig_operator.phases.preparing_target import state_name
 from devmig_operator.results import Done, Failed, Result, Wait
 from devmig_operator.sessions import agent_for, session_ref
@@ -76,6 +77,10 @@ def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Resu
                 )
             if s.phase in (agent_pb2.SESSION_PHASE_FAILED, agent_pb2.SESSION_PHASE_ABORTED):
                 return Failed(Reason.AGENT_ERROR, f"target session failed: {s.reason}: {s.message}")
+            src_status = agentsmod.call(
+                src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)
+            ).status
+            devices[i] = device_progress(devices[i], src_status)
             devices[i]["targetState"] = state_name(s.device_state)
             devices[i]["bytesReceived"] = int(s.progress.bytes_received)
     except agentsmod.AgentUnavailable as e:
