@@ -21,7 +21,9 @@ from devmig_testbed.controlplane import ControlPlane
 from devmig_testbed.pytest_plugin import OperatorProcess
 
 
-def _agent(cp: ControlPlane, node: str, state: pathlib.Path, *extra: str) -> subprocess.Popen[str]:
+def _agent(
+    cp: ControlPlane, node: str, state: pathlib.Path, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
     p = subprocess.Popen(
         [
             sys.executable,
@@ -47,8 +49,9 @@ def _agent(cp: ControlPlane, node: str, state: pathlib.Path, *extra: str) -> sub
     line = p.stdout.readline()
     while line and not line.startswith("LISTENING"):
         line = p.stdout.readline()
-    assert re.fullmatch(r"LISTENING 127\.0\.0\.1:\d+\n", line), f"agent {node} did not start"
-    return p
+    m = re.fullmatch(r"LISTENING (127\.0\.0\.1:\d+)\n", line)
+    assert m, f"agent {node} did not start"
+    return p, m.group(1)
 
 
 @pytest.fixture
@@ -57,13 +60,15 @@ def two_nodes(
 ) -> Iterator[None]:
     for n in ("node-a", "node-b"):
         objects.create_node(kube, n)
-    procs = [
+    started = [
         _agent(control_plane, "node-a", tmp_path, "--sim-holder", f"0={namespace}/vm"),
         _agent(control_plane, "node-b", tmp_path),
     ]
-    # Both inventories published (the agents' first publish is at start).
+    procs = [p for p, _ in started]
+    # Both inventories published by these agents (inventories of the same
+    # node names left by other tests name dead endpoints).
+    want = {"node-a": started[0][1], "node-b": started[1][1]}
     co = client.CustomObjectsApi(kube)
-    want = {"node-a", "node-b"}
     w = watch.Watch()
     for ev in w.stream(
         co.list_cluster_custom_object,
@@ -73,17 +78,9 @@ def two_nodes(
         timeout_seconds=60,
     ):
         o = ev["object"]
-        if (
-            o["status"].get("agentEndpoint", "").startswith("127.0.0.1:")
-            and o["spec"]["nodeName"] in want
-        ):
-            # Other tests left inventories of these nodes with dead endpoints;
-            # only this run's agents publish this namespace's VMI as holder.
-            devs = o["status"].get("devices", [])
-            if o["spec"]["nodeName"] == "node-b" or any(
-                d.get("vmi") == f"{namespace}/vm" for d in devs
-            ):
-                want.discard(o["spec"]["nodeName"])
+        node = o["spec"]["nodeName"]
+        if want.get(node) and (o.get("status") or {}).get("agentEndpoint") == want[node]:
+            del want[node]
         if not want:
             w.stop()
     assert not want, f"no inventory from {want}"
