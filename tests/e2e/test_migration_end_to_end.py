@@ -5,53 +5,16 @@ to agent by the native pump. The device ends RUNNING on the target alone."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import client
 
-from devmig_testbed import objects
+from devmig_testbed import objects, processes
 from devmig_testbed.controlplane import ControlPlane
 from devmig_testbed.pytest_plugin import OperatorProcess
-
-
-def _agent(
-    cp: ControlPlane, node: str, state: pathlib.Path, *extra: str
-) -> tuple[subprocess.Popen[str], str]:
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devmig_agent.main",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            node,
-            "--sim",
-            "count=1,size=8MiB,dirty=16",
-            "--state-dir",
-            str(state / node),
-            "--publish-inventory",
-            *extra,
-        ],
-        env={**os.environ, "KUBECONFIG": str(cp.admin_kubeconfig)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    while line and not line.startswith("LISTENING"):
-        line = p.stdout.readline()
-    m = re.fullmatch(r"LISTENING (127\.0\.0\.1:\d+)\n", line)
-    assert m, f"agent {node} did not start"
-    return p, m.group(1)
 
 
 @pytest.fixture
@@ -60,35 +23,17 @@ def two_nodes(
 ) -> Iterator[None]:
     for n in ("node-a", "node-b"):
         objects.create_node(kube, n)
-    started = [
-        _agent(control_plane, "node-a", tmp_path, "--sim-holder", f"0={namespace}/vm"),
-        _agent(control_plane, "node-b", tmp_path),
+    cfg = control_plane.admin_kubeconfig
+    agents = [
+        processes.start_agent(cfg, "node-a", tmp_path, holders={0: f"{namespace}/vm"}),
+        processes.start_agent(cfg, "node-b", tmp_path),
     ]
-    procs = [p for p, _ in started]
-    # Both inventories published by these agents (inventories of the same
-    # node names left by other tests name dead endpoints).
-    want = {"node-a": started[0][1], "node-b": started[1][1]}
-    co = client.CustomObjectsApi(kube)
-    w = watch.Watch()
-    for ev in w.stream(
-        co.list_cluster_custom_object,
-        "devmig.io",
-        "v1alpha1",
-        "nodedeviceinventories",
-        timeout_seconds=60,
-    ):
-        o = ev["object"]
-        node = o["spec"]["nodeName"]
-        if want.get(node) and (o.get("status") or {}).get("agentEndpoint") == want[node]:
-            del want[node]
-        if not want:
-            w.stop()
-    assert not want, f"no inventory from {want}"
-    yield
-    for p in procs:
-        p.terminate()
-        out, _ = p.communicate(timeout=20)
-        print(out[-3000:])
+    try:
+        processes.wait_inventories(kube, agents)
+        yield
+    finally:
+        for a in agents:
+            print(a.stop())
 
 
 def test_a_device_migration_runs_to_success_with_real_agents(

@@ -18,7 +18,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import urllib.request
 import uuid
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from devmig_testbed import controlplane
+from devmig_testbed import controlplane, processes
 
 
 def _unavailable(reason: str) -> None:
@@ -102,30 +101,10 @@ def operator_process(
     its Leases and session key in ``namespace`` and metrics on a free port.
     Its log is printed when the test ends (pytest shows it on failure)."""
     port = controlplane.free_port()
-    proc = subprocess.Popen(
-        # Scoped to the test's namespace: objects other tests left behind
-        # (namespaces never finish deleting without a controller-manager)
-        # must not be reconciled here.
-        [
-            sys.executable,
-            "-m",
-            "devmig_operator",
-            "--liveness",
-            "",
-            "--metrics-port",
-            str(port),
-            "--namespace",
-            namespace,
-        ],
-        env={
-            **os.environ,
-            "KUBECONFIG": str(control_plane.admin_kubeconfig),
-            "DEVMIG_NAMESPACE": namespace,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # Scoped to the test's namespace: objects other tests left behind
+    # (namespaces never finish deleting without a controller-manager) must
+    # not be reconciled here.
+    proc = processes.start_operator(control_plane.admin_kubeconfig, namespace, port, namespace)
     try:
         yield OperatorProcess(proc, f"http://127.0.0.1:{port}/metrics")
     finally:

@@ -1,0 +1,110 @@
+"""devmig's own processes, started for tests and the demo: node agents with
+simulated devices and the operator, against a control plane."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from typing import Any
+
+from kubernetes import client, watch
+
+
+@dataclasses.dataclass
+class AgentProcess:
+    node: str
+    proc: subprocess.Popen[str]
+    endpoint: str
+
+    def stop(self) -> str:
+        """Terminate; returns the tail of its log."""
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out[-3000:]
+
+
+def start_agent(
+    kubeconfig: pathlib.Path,
+    node: str,
+    state_dir: pathlib.Path,
+    sim: str = "count=1,size=8MiB,dirty=16",
+    holders: dict[int, str] | None = None,
+) -> AgentProcess:
+    """A node agent on a free loopback port with simulated devices,
+    publishing its NodeDeviceInventory. ``holders``: device index ->
+    namespace/vmi holding it."""
+    args = [
+        sys.executable, "-m", "devmig_agent.main",
+        "--listen", "127.0.0.1:0",
+        "--node-name", node,
+        "--sim", sim,
+        "--state-dir", str(state_dir / node),
+        "--publish-inventory",
+    ]  # fmt: skip
+    for i, vmi in (holders or {}).items():
+        args += ["--sim-holder", f"{i}={vmi}"]
+    p = subprocess.Popen(
+        args,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    while line and not line.startswith("LISTENING"):
+        line = p.stdout.readline()
+    m = re.fullmatch(r"LISTENING (127\.0\.0\.1:\d+)\n", line)
+    if not m:
+        p.kill()
+        raise RuntimeError(f"agent {node} did not start: {line!r}")
+    return AgentProcess(node, p, m.group(1))
+
+
+def wait_inventories(api: Any, agents: list[AgentProcess], timeout_s: int = 60) -> None:
+    """Until every agent's NodeDeviceInventory names that agent's endpoint
+    (an inventory of the same node left from before names a dead one)."""
+    want = {a.node: a.endpoint for a in agents}
+    w = watch.Watch()
+    for ev in w.stream(
+        client.CustomObjectsApi(api).list_cluster_custom_object,
+        "devmig.io",
+        "v1alpha1",
+        "nodedeviceinventories",
+        timeout_seconds=timeout_s,
+    ):
+        o = ev["object"]
+        node = o["spec"]["nodeName"]
+        if want.get(node) and (o.get("status") or {}).get("agentEndpoint") == want[node]:
+            del want[node]
+        if not want:
+            w.stop()
+            return
+    raise RuntimeError(f"no inventory published by the agents of {sorted(want)}")
+
+
+def start_operator(
+    kubeconfig: pathlib.Path, namespace: str, metrics_port: int, watch_namespace: str = ""
+) -> subprocess.Popen[str]:
+    args = [
+        sys.executable, "-m", "devmig_operator",
+        "--liveness", "",
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    if watch_namespace:
+        args += ["--namespace", watch_namespace]
+    return subprocess.Popen(
+        args,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), "DEVMIG_NAMESPACE": namespace},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
