@@ -69,3 +69,44 @@ def test_a_device_migration_runs_to_success_with_real_agents(
     assert cond["Succeeded"]["status"] == "True" and cond["Failed"]["status"] == "False"
     assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
     assert 'devmig_migrations_total{result="Succeeded"} 1.0' in operator_process.metrics()
+
+
+@pytest.fixture
+def two_devices_each(
+    control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
+) -> Iterator[None]:
+    for n in ("node-a", "node-b"):
+        objects.create_node(kube, n)
+    cfg = control_plane.admin_kubeconfig
+    sim = "count=2,size=4MiB,dirty=16"
+    vm = f"{namespace}/vm2"
+    agents = [
+        processes.start_agent(cfg, "node-a", tmp_path, sim, {0: vm, 1: vm}),
+        processes.start_agent(cfg, "node-b", tmp_path, sim),
+    ]
+    try:
+        processes.wait_inventories(kube, agents)
+        yield
+    finally:
+        for a in agents:
+            print(a.stop())
+
+
+def test_a_vm_with_two_devices_moves_both_to_one_node_together(
+    kube: Any, namespace: str, two_devices_each: None, operator_process: OperatorProcess
+) -> None:
+    objects.create_vmi(kube, namespace, "vm2", "node-a", devices=["devmig.io/sim", "devmig.io/sim"])
+    objects.create_dm(kube, namespace, "move2", "vm2", policy={"downtimeLimitMs": 2000})
+    dm = objects.wait_dm(
+        kube,
+        namespace,
+        "move2",
+        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
+        timeout_s=120,
+    )
+    st = dm["status"]
+    assert st["phase"] == "Succeeded", st
+    pairs = {(d["sourceDevice"], d["targetDevice"]) for d in st["devices"]}
+    assert {s for s, _ in pairs} == {"sim-node-a-0", "sim-node-a-1"}
+    assert {t for _, t in pairs} == {"sim-node-b-0", "sim-node-b-1"}
+    assert all(d["targetState"] == "RUNNING" and d["sourceState"] == "STOP" for d in st["devices"])
