@@ -33,7 +33,7 @@ done
 mkdir -p "$cache"
 
 # 1. Debian packages ------------------------------------------------------
-apt_pkgs=(gcc make git openssl ca-certificates curl unzip python3 python3-venv python3-dev pkg-config)
+apt_pkgs=(gcc make git openssl ca-certificates curl unzip python3 python3-venv python3-dev pkg-config graphviz)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
