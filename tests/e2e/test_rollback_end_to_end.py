@@ -1,0 +1,82 @@
+"""Rollback with real agents: a migration whose pre-copy cannot converge is
+aborted by policy, and both devices end as if it never happened: the source
+RUNNING with its session gone, the target reset and free."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from kubernetes import client
+
+from devmig.agent.v1alpha1 import agent_pb2 as pb
+from devmig.agent.v1alpha1 import agent_pb2_grpc
+from devmig_testbed import objects, processes
+from devmig_testbed.controlplane import ControlPlane
+from devmig_testbed.pytest_plugin import OperatorProcess
+
+
+@pytest.fixture
+def agents(
+    control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
+) -> Iterator[list[processes.AgentProcess]]:
+    for n in ("node-a", "node-b"):
+        objects.create_node(kube, n)
+    cfg = control_plane.admin_kubeconfig
+    # A device that dirties 4096 pages (16 MiB) for every MiB sent: pre-copy
+    # can never catch up.
+    sim = "count=1,size=8MiB,dirty=4096"
+    started = [
+        processes.start_agent(cfg, "node-a", tmp_path, sim, {0: f"{namespace}/vm"}),
+        processes.start_agent(cfg, "node-b", tmp_path, sim),
+    ]
+    try:
+        processes.wait_inventories(kube, started)
+        yield started
+    finally:
+        for a in started:
+            print(a.stop())
+
+
+def _devices(endpoint: str) -> list[pb.Device]:
+    with grpc.insecure_channel(endpoint) as ch:
+        stub = agent_pb2_grpc.NodeAgentStub(ch)
+        return list(stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices)
+
+
+def test_a_migration_that_cannot_converge_is_aborted_and_rolled_back(
+    kube: Any,
+    namespace: str,
+    agents: list[processes.AgentProcess],
+    operator_process: OperatorProcess,
+) -> None:
+    objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
+    objects.create_dm(
+        kube,
+        namespace,
+        "m",
+        "vm",
+        policy={"downtimeLimitMs": 1, "maxPreCopyIterations": 3, "bandwidthMiBps": 16},
+    )
+    dm = objects.wait_dm(
+        kube,
+        namespace,
+        "m",
+        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
+        timeout_s=120,
+    )
+    st = dm["status"]
+    assert st["phase"] == "Failed", st
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PreCopyNotConverged"
+    assert "maxPreCopyIterations 3" in failed["message"]
+    assert [t["phase"] for t in st["phaseTransitions"]] == [
+        "Validating", "PreparingTarget", "PreCopy", "Failed",
+    ]  # fmt: skip
+    src, dst = (_devices(a.endpoint)[0] for a in agents)
+    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
+    assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
+    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
