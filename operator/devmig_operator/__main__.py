@@ -10,7 +10,7 @@ import sys
 import kopf
 import prometheus_client
 
-from devmig_operator import handlers  # noqa: F401  (registers the handlers)
+from devmig_operator import handlers  # registers the handlers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="watch only this namespace (repeatable); default: the whole cluster",
     )
+    p.add_argument(
+        "--max-migrations-per-node",
+        type=int,
+        default=handlers.MAX_MIGRATIONS_PER_NODE,
+        help="most migrations one node may receive at once; 0: no limit (default: %(default)s)",
+    )
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    handlers.MAX_MIGRATIONS_PER_NODE = a.max_migrations_per_node
     if a.metrics_port:
         prometheus_client.start_http_server(a.metrics_port)
     asyncio.run(

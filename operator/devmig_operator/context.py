@@ -21,6 +21,8 @@ class Context:
     status: dict[str, Any]
     # Wall clock in seconds since the epoch; injected so tests can fake time.
     clock: Callable[[], float] = time.time
+    # Most migrations one node may receive at once (0: no limit).
+    max_migrations_per_node: int = 0
 
     @property
     def who(self) -> str:

@@ -18,6 +18,12 @@ from devmig_operator.context import Context
 
 log = logging.getLogger("devmig_operator")
 
+# Most migrations one node may receive at once; set by --max-migrations-per-node.
+# Two by default: each incoming migration streams device state at up to
+# line rate, so two already share the node's link; more would stretch every
+# one's stop-copy window (the downtime) without finishing sooner.
+MAX_MIGRATIONS_PER_NODE = 2
+
 # Namespace the operator runs in: device-claim Leases and the session-key
 # Secret live there. Set from the downward API by the chart.
 NAMESPACE = os.environ.get("DEVMIG_NAMESPACE", "devmig-system")
@@ -79,6 +85,7 @@ def _drive(body: kopf.Body, **_: Any) -> None:
         generation=int(fresh["metadata"].get("generation", 1)),
         spec=dict(fresh.get("spec") or {}),
         status=dict(fresh.get("status") or {}),
+        max_migrations_per_node=MAX_MIGRATIONS_PER_NODE,
     )
 
     def emit(kind: str, reason: str, message: str) -> None:

@@ -72,6 +72,7 @@ def choose_targets(
     schedulable_nodes: set[str],
     claimed: set[tuple[str, str]],
     target_node: str | None = None,
+    busy_nodes: Mapping[str, str] | None = None,
 ) -> list[Choice]:
     """One compatible, free device per source device, all on one node.
 
@@ -89,6 +90,9 @@ def choose_targets(
             continue
         if node not in schedulable_nodes:
             reasons.append(f"{node}: not schedulable")
+            continue
+        if busy_nodes and node in busy_nodes:
+            reasons.append(f"{node}: {busy_nodes[node]}")
             continue
         free = [
             d
@@ -185,6 +189,22 @@ def release(
             raise
 
 
+def busy_nodes(held: Mapping[tuple[str, str], str], who: str, max_per_node: int) -> dict[str, str]:
+    """Nodes already receiving ``max_per_node`` other migrations (0: no
+    limit), with the reason, from the current claims."""
+    if max_per_node <= 0:
+        return {}
+    per_node: dict[str, set[str]] = {}
+    for (node, _dev), h in held.items():
+        if h != who:
+            per_node.setdefault(node, set()).add(h)
+    return {
+        n: f"already receiving {len(hs)} migration(s), the limit per node"
+        for n, hs in per_node.items()
+        if len(hs) >= max_per_node
+    }
+
+
 def claims(coord: client.CoordinationV1Api, lease_namespace: str) -> dict[tuple[str, str], str]:
     """Every claimed (node, device), with its holder."""
     leases = coord.list_namespaced_lease(
@@ -209,6 +229,7 @@ def claim_targets(
     schedulable_nodes: set[str],
     target_node: str | None = None,
     attempts: int = 5,
+    max_per_node: int = 0,
 ) -> list[Choice]:
     """Choose and claim targets for every source device, all or nothing.
 
@@ -223,7 +244,13 @@ def claim_targets(
         mine = {k for k, h in held.items() if h == who}
         others = {k for k, h in held.items() if h != who}
         choices = choose_targets(
-            source_devices, inventories, source_node, schedulable_nodes, others, target_node
+            source_devices,
+            inventories,
+            source_node,
+            schedulable_nodes,
+            others,
+            target_node,
+            busy_nodes(held, who, max_per_node),
         )
         got: list[Choice] = []
         for c in choices:

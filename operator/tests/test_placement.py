@@ -130,3 +130,15 @@ def test_claiming_again_is_idempotent_and_release_frees_the_device(
     placement.release(coord, namespace, "b", first[0].target_device, "ns/m1/u1")
     placement.release(coord, namespace, "b", first[0].target_device, "ns/m1/u1")
     assert placement.claims(coord, namespace) == {}
+
+
+def test_a_node_at_its_migration_limit_is_skipped_with_the_reason() -> None:
+    held = {("b", "b1"): "ns/m1/u1", ("b", "b2"): "ns/m2/u2", ("c", "c1"): "ns/m3/u3"}
+    busy = placement.busy_nodes(held, "ns/m9/u9", 2)
+    assert set(busy) == {"b"} and "2 migration(s)" in busy["b"]
+    invs = [inv("b", dev("b3")), inv("c", dev("c2"))]
+    got = choose_targets(SRC, invs, "a", ALL, set(held), busy_nodes=busy)
+    assert got[0].target_node == "c"
+    # Our own claims never count against us; 0 means no limit.
+    assert placement.busy_nodes(held, "ns/m1/u1", 2) == {}
+    assert placement.busy_nodes(held, "ns/m9/u9", 0) == {}

@@ -90,6 +90,7 @@ def target_claimed(ctx: Context) -> Result:
             source,
             ctx.cluster.schedulable_nodes(),
             ctx.spec.get("targetNode") or None,
+            max_per_node=ctx.max_migrations_per_node,
         )
     except placement.NoTarget as e:
         return Wait(RETRY_S, Reason.NO_COMPATIBLE_TARGET, str(e), {"sourceNode": source})
