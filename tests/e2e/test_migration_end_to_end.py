@@ -110,3 +110,21 @@ def test_a_vm_with_two_devices_moves_both_to_one_node_together(
     assert {s for s, _ in pairs} == {"sim-node-a-0", "sim-node-a-1"}
     assert {t for _, t in pairs} == {"sim-node-b-0", "sim-node-b-1"}
     assert all(d["targetState"] == "RUNNING" and d["sourceState"] == "STOP" for d in st["devices"])
+
+
+def test_a_vmi_with_host_devices_migrates_through_an_explicit_device_migration(
+    kube: Any, namespace: str, two_nodes: None, operator_process: OperatorProcess
+) -> None:
+    # KubeVirt itself would refuse to migrate this VMI (hostDevices make it
+    # not live-migratable); an explicit DeviceMigration moves its device.
+    objects.create_vmi(kube, namespace, "vm", "node-a", host_devices=["devmig.io/sim"])
+    objects.create_dm(kube, namespace, "hd", "vm", policy={"downtimeLimitMs": 2000})
+    dm = objects.wait_dm(
+        kube,
+        namespace,
+        "hd",
+        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
+        timeout_s=120,
+    )
+    assert dm["status"]["phase"] == "Succeeded", dm["status"]
+    assert dm["status"]["devices"][0]["targetDevice"] == "sim-node-b-0"
