@@ -288,6 +288,12 @@ class _Sender:
     def stopped_at_ns(self) -> int:
         return self.pump.progress().stopped_at_ns
 
+    def stream_complete(self) -> bool:
+        """The pump sent the whole stream, trailer included: the target may
+        verify it and commit."""
+        p = self.pump.progress()
+        return p.done and p.error == 0
+
     def cancel(self) -> None:
         """Stop the pump and wait for it, so the device is free again."""
         self._cancelled = True

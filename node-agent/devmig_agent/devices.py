@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import uuid
 import zlib
 
 import devmig_native
@@ -34,11 +35,21 @@ class UnknownDevice(Exception):
     pass
 
 
+def new_incarnation() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclasses.dataclass
 class ManagedDevice:
     info: InventoryDevice
     handle: devmig_native.Device
     session_id: str = ""
+    # Names one open lifetime of the device: its state lives exactly as long
+    # as some process holds an fd of it. The journal records it with each
+    # session, so a restarted agent can tell a device that kept its state
+    # (the same incarnation, e.g. an fd taken back from the VMM that held a
+    # duplicate) from one that was reset (a new incarnation).
+    incarnation: str = dataclasses.field(default_factory=new_incarnation)
 
     @property
     def id(self) -> str:

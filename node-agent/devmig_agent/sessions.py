@@ -16,6 +16,14 @@ Roles and phases (SessionPhase in the API):
   received and verified, device STOP) -> SUCCEEDED (RUNNING, VMM told).
 - ABORTED: rolled back (source RUNNING again; target reset and released).
 - FAILED: see the message; the device is left in a known state.
+
+Crash safety (``recover``, ``shutdown``, ``expire_recovery``): the commit
+point is the target device RUNNING. A session whose stream could not have
+been complete (source PREPARED or PRE_COPY, target not yet RUNNING) may be
+rolled back by the agent alone; a source whose stream may have completed
+(STOP_COPY, TRANSFERRED) is never rolled back without the operator, who
+alone knows whether the target committed: it is parked in STOP, keeping its
+state, and waits for Abort or FinishSession.
 """
 
 from __future__ import annotations
@@ -36,6 +44,15 @@ from devmig_agent.devices import DeviceBusy, DeviceRegistry, ManagedDevice, Unkn
 from devmig_native import MigState
 
 log = logging.getLogger(__name__)
+
+
+# How long a session found unfinished at start waits for the operator's
+# decision (Abort, Resume, FinishSession) before the agent rolls it back
+# itself, seconds. The operator retries agent calls with backoff and a
+# restarted operator re-reconciles within a minute or so; five minutes
+# rides out both, and bounds how long a guest runs with its BARs trapped
+# (slower, never wrong) or a target device stays claimed.
+DEFAULT_RECOVERY_DEADLINE_SECONDS = 300.0
 
 
 class Code(enum.Enum):
@@ -125,6 +142,92 @@ class Session:
     running_at_ns: int = 0
     transfer: Any = None  # the pump (source) or sink (target) while it runs
     progress: Progress = dataclasses.field(default_factory=Progress)
+    # The VMM was paused for stop-and-copy (source) and not resumed yet.
+    vmm_paused: bool = False
+    # After a restart: when the agent rolls the session back unless the
+    # operator decided first (unix ns; 0: no deadline).
+    recovery_deadline_ns: int = 0
+    # The phase last journaled, and since when (for phase durations).
+    recorded_phase: Phase | None = None
+    phase_since_ns: int = 0
+
+
+class VmmError(Exception):
+    """The VMM did not do what it was asked (no ack in time, refused, gone)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class VmmControl(Protocol):
+    """The hypervisor side of the VMM contract, per device. Every call
+    returns once the VMM acknowledged, raises ``VmmError`` otherwise, and is
+    a no-op when no VMM registered for the device."""
+
+    def traps(self, device_id: str, on: bool) -> None: ...
+
+    def pause(self, device_id: str) -> None: ...
+
+    def resume(self, device_id: str) -> None: ...
+
+
+class NoVmm:
+    """No VMM on this node (tests, labs): nothing to tell."""
+
+    def traps(self, device_id: str, on: bool) -> None:
+        return None
+
+    def pause(self, device_id: str) -> None:
+        return None
+
+    def resume(self, device_id: str) -> None:
+        return None
+
+
+class Observer(Protocol):
+    """What the manager reports for metrics."""
+
+    def phase_ended(self, role: Role, phase: Phase, seconds: float) -> None: ...
+
+    def error(self, reason: str) -> None: ...
+
+
+class NoObserver:
+    def phase_ended(self, role: Role, phase: Phase, seconds: float) -> None:
+        return None
+
+    def error(self, reason: str) -> None:
+        return None
+
+
+class DeviceReacquirer(Protocol):
+    """Finds a journaled session's device again after a restart.
+
+    Returns the device when it kept its state since the journal saw it (the
+    same incarnation), or None when its state is gone (reset, or no longer
+    on the node). ``RegistryReacquirer`` checks the registry's devices; on a
+    real node a device whose every fd closed is reset by the kernel, and one
+    whose VMM still holds a duplicate fd is handed back over the VMM socket
+    with the incarnation the VMM was given (``vmm.VmmHub``), so the same
+    check applies; the device's state is then read from the device itself,
+    never taken from the journal.
+    """
+
+    def reacquire(self, device_id: str, incarnation: str) -> ManagedDevice | None: ...
+
+
+class RegistryReacquirer:
+    def __init__(self, registry: DeviceRegistry) -> None:
+        self.registry = registry
+
+    def reacquire(self, device_id: str, incarnation: str) -> ManagedDevice | None:
+        try:
+            d = self.registry.get(device_id)
+        except UnknownDevice:
+            return None
+        return d if incarnation and d.incarnation == incarnation else None
 
 
 # How long a WatchSession waits for a change before sending progress anyway
@@ -157,15 +260,21 @@ class SessionManager:
         journal: journalmod.Journal,
         transfers: Transfers,
         clock_ns: Callable[[], int] = time.time_ns,
+        vmm: VmmControl | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.registry = registry
         self.journal = journal
         self.transfers = transfers
         self.clock_ns = clock_ns
+        self.vmm: VmmControl = vmm or NoVmm()
+        self.observer: Observer = observer or NoObserver()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, Session] = {}
         self._bandwidth: dict[str, int] = {}
+        # Set by shutdown: no new session starts.
+        self._closing = False
 
     # ------------------------------------------------------------- internals
 
@@ -177,10 +286,24 @@ class SessionManager:
             raise SessionError(
                 Code.PERMISSION_DENIED, "BadSessionToken", f"wrong token for session {session_id!r}"
             )
+        # A session recovered from the journal knows only the token's hash;
+        # the first request that proves it hands the token back (a source
+        # presents it to the target's data endpoint).
+        if not s.token:
+            s.token = token
         return s
 
     def _record(self, s: Session) -> None:
         """Journal the session, then wake watchers."""
+        now = self.clock_ns()
+        if s.recorded_phase is not s.phase:
+            if s.recorded_phase is not None:
+                self.observer.phase_ended(
+                    s.role, s.recorded_phase, max(0, now - s.phase_since_ns) / 1e9
+                )
+            if s.phase is Phase.FAILED:
+                self.observer.error(s.reason or "Failed")
+            s.recorded_phase, s.phase_since_ns = s.phase, now
         rec = journalmod.SessionRecord(
             session_id=s.id,
             role=s.role.value,
@@ -191,6 +314,13 @@ class SessionManager:
             token_sha256=s.token_sha256,
             message=s.message,
             reason=s.reason,
+            extra={
+                "incarnation": s.device.incarnation,
+                "stoppedAtUnixNanos": s.stopped_at_ns,
+                "runningAtUnixNanos": s.running_at_ns,
+                "vmmPaused": s.vmm_paused,
+                "recoveryDeadlineUnixNanos": s.recovery_deadline_ns,
+            },
         )
         self.journal.put(rec)
         self._changed.notify_all()
@@ -215,6 +345,10 @@ class SessionManager:
             )
         s = self._sessions.get(session_id)
         if s is None:
+            if self._closing:
+                raise SessionError(
+                    Code.UNAVAILABLE, "AgentShuttingDown", "the agent is stopping; retry later"
+                )
             return None
         if not token_matches(token, s.token_sha256):
             raise SessionError(
@@ -294,19 +428,62 @@ class SessionManager:
                     raise SessionError(
                         Code.INVALID_ARGUMENT, "MissingEndpoint", "target_data_endpoint is required"
                     )
-                self._set_state(s, MigState.PRE_COPY, MigState.RUNNING)
+                if s.device.handle.state is not MigState.RUNNING:
+                    raise SessionError(
+                        Code.FAILED_PRECONDITION,
+                        "DeviceNotRunning",
+                        f"{s.device.id} is {s.device.handle.state.name}: {s.message}",
+                    )
+                # Traps go on before the device enters PRE_COPY, not after:
+                # a trapped access still reaches the device (through region
+                # reads and writes), while an access through a mapping that
+                # is still live once PRE_COPY needs it trapped is a dirty
+                # page nobody re-sends. The VMM acknowledges only once no
+                # vCPU can use the old mappings.
+                try:
+                    self.vmm.traps(s.device.id, True)
+                except VmmError as e:
+                    self._traps_off(s)
+                    self.observer.error(e.reason)
+                    raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
+                try:
+                    self._set_state(s, MigState.PRE_COPY, MigState.RUNNING)
+                except SessionError:
+                    self._traps_off(s)
+                    raise
                 try:
                     s.transfer = self.transfers.start_sender(
                         s, endpoint, self._bandwidth.get(s.id, 0)
                     )
                 except OSError as e:
                     self._set_state(s, MigState.RUNNING, MigState.RUNNING)
+                    self._traps_off(s)
+                    self.observer.error("TargetUnreachable")
                     raise SessionError(
                         Code.UNAVAILABLE, "TargetUnreachable", f"cannot reach {endpoint}: {e}"
                     ) from e
                 s.phase = Phase.PRE_COPY
                 self._record(s)
             return self._snapshot(s)
+
+    def _traps_off(self, s: Session) -> None:
+        """Full passthrough again (after the device is RUNNING). A VMM that
+        does not answer keeps trapping: slower, never wrong."""
+        try:
+            self.vmm.traps(s.device.id, False)
+        except VmmError as e:
+            self.observer.error(e.reason)
+            log.warning("session %s: traps stay on: %s", s.id, e)
+
+    def _vmm_resume(self, s: Session) -> None:
+        if not s.vmm_paused:
+            return
+        try:
+            self.vmm.resume(s.device.id)
+            s.vmm_paused = False
+        except VmmError as e:
+            self.observer.error(e.reason)
+            log.error("session %s: the VMM did not resume: %s", s.id, e)
 
     def stop_and_copy(
         self, session_id: str, token: str, vm_sessions: list[tuple[str, str]]
@@ -319,6 +496,17 @@ class SessionManager:
                 )
             if s.phase is Phase.PRE_COPY:
                 group = [self._find(i, t) for i, t in vm_sessions] or [s]
+                # The guest stops before its devices do: a vCPU must not
+                # program a device that is leaving PRE_COPY.
+                for g in group:
+                    if g.phase is Phase.PRE_COPY and not g.vmm_paused:
+                        try:
+                            self.vmm.pause(g.device.id)
+                        except VmmError as e:
+                            self.observer.error(e.reason)
+                            raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
+                        g.vmm_paused = True
+                        self._record(g)
                 try:
                     if len(group) > 1:
                         # Every device of the VM stops initiating P2P DMA
@@ -383,7 +571,15 @@ class SessionManager:
                 # The target runs: this device's state lives there now.
                 self._set_state(s, MigState.STOP, MigState.STOP)
             self.transfers.close(s)
+            if s.role is Role.TARGET:
+                # The commit point is recorded: the guest may run here.
+                try:
+                    self.vmm.resume(s.device.id)
+                except VmmError as e:
+                    self.observer.error(e.reason)
+                    raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
             s.phase = Phase.SUCCEEDED
+            s.recovery_deadline_ns = 0
             self.registry.release(s.device.id, s.id)
             self._record(s)
             return self._snapshot(s)
@@ -407,18 +603,283 @@ class SessionManager:
                 raise SessionError(
                     Code.FAILED_PRECONDITION, "PastCommitPoint", "the source device was released"
                 )
-            # Stops a running pump and waits for it: the device is free.
-            self.transfers.close(s)
-            if s.role is Role.SOURCE:
-                # Back to RUNNING: the guest keeps its device here.
-                self._set_state(s, MigState.RUNNING, MigState.ERROR)
-            else:
-                # A target's partial state must never run: reset it.
-                s.device.handle.reset()
-            s.phase, s.reason, s.message = Phase.ABORTED, "Aborted", reason or "aborted"
-            self.registry.release(s.device.id, s.id)
-            self._record(s)
+            self._roll_back(s, "Aborted", reason or "aborted")
             return self._snapshot(s)
+
+    def _roll_back(self, s: Session, reason: str, message: str) -> None:
+        """Source RUNNING again with full passthrough and its VMM running;
+        target reset and released. Caller holds the lock and checked that
+        the session is before the commit point."""
+        if s.phase is Phase.FAILED and s.reason == "DeviceReset":
+            # Nothing of this session is left on the device.
+            s.phase, s.reason, s.message = Phase.ABORTED, reason, message
+            self._record(s)
+            return
+        # Stops a running pump and waits for it: the device is free.
+        self.transfers.close(s)
+        if s.role is Role.SOURCE:
+            # Back to RUNNING: the guest keeps its device here.
+            if s.device.handle.state is not MigState.RUNNING:
+                self._set_state(s, MigState.RUNNING, MigState.ERROR)
+            self._traps_off(s)
+            self._vmm_resume(s)
+        else:
+            # A target's partial state must never run: reset it.
+            s.device.handle.reset()
+        s.phase, s.reason, s.message = Phase.ABORTED, reason, message
+        s.recovery_deadline_ns = 0
+        self.registry.release(s.device.id, s.id)
+        self._record(s)
+
+    # ------------------------------------------------------ crash safety
+
+    def shutdown(self, reason: str = "agent stopping") -> list[str]:
+        """Leave no session half-done before the process exits; returns
+        the ids of the sessions it changed.
+
+        - source PRE_COPY, or STOP_COPY with the stream cut short: rolled
+          back (RUNNING, traps off, VMM resumed), ABORTED "AgentShutdown".
+        - source whose stream completed (STOP_COPY with the pump done,
+          TRANSFERRED): the target may commit from it, so it is never rolled
+          back here; the device is parked in STOP with its state and stays
+          claimed, awaiting the operator (Abort or FinishSession).
+        - target not yet RUNNING: reset and released, ABORTED "AgentShutdown".
+        - source PREPARED and target RUNNING are left as they are: nothing of
+          them is in flight.
+        """
+        changed: list[str] = []
+        with self._lock:
+            self._closing = True
+            for s in list(self._sessions.values()):
+                if s.phase.final:
+                    continue
+                try:
+                    if self._shutdown_one(s, reason):
+                        changed.append(s.id)
+                except SessionError as e:
+                    log.error("session %s: could not be settled at shutdown: %s", s.id, e)
+        return changed
+
+    def _shutdown_one(self, s: Session, reason: str) -> bool:
+        if s.role is Role.TARGET:
+            if s.running_at_ns:
+                return False  # past the commit point: only forward
+            self._roll_back(s, "AgentShutdown", f"rolled back: {reason}")
+            return True
+        if s.phase is Phase.PREPARED:
+            return False
+        complete = s.phase is Phase.TRANSFERRED
+        if s.phase is Phase.STOP_COPY and s.transfer is not None:
+            # Cancel first, then ask: a pump that sent its trailer before
+            # the cancel may have given the target all it needs; asking
+            # first would race with a pump finishing in between.
+            self.transfers.close(s)
+            complete = bool(s.transfer.stream_complete())
+        if not complete:
+            self._roll_back(s, "AgentShutdown", f"rolled back: {reason}")
+            return True
+        self.transfers.close(s)
+        self._park(s, f"{reason}; the stream was complete")
+        return True
+
+    def _park(self, s: Session, why: str) -> None:
+        """A source whose stream may have reached the target: keep its
+        state in STOP (the design's "source keeps its state until the commit
+        point is recorded") and wait for the operator, without a deadline."""
+        if s.device.handle.state not in (MigState.STOP, MigState.RUNNING):
+            self._set_state(s, MigState.STOP, MigState.ERROR)
+        if s.phase is Phase.STOP_COPY:
+            s.phase = Phase.TRANSFERRED
+        s.reason = "AwaitingCommitDecision"
+        s.message = (
+            f"{why}: the target may have committed; the device waits in "
+            f"{s.device.handle.state.name} for Abort (roll back) or FinishSession"
+        )
+        s.recovery_deadline_ns = 0
+        self._record(s)
+
+    def recover(
+        self,
+        reacquirer: DeviceReacquirer | None = None,
+        deadline_s: float = DEFAULT_RECOVERY_DEADLINE_SECONDS,
+    ) -> list[Snapshot]:
+        """Take over the journal's sessions at start; returns those that
+        were not final. Call once, before serving.
+
+        Every session answers GetSession again (its token's hash is in the
+        journal). A session whose device lost its state is FAILED
+        "DeviceReset". One whose device kept it is re-adopted with the
+        device's actual state; what must not stay as it is gets a deadline
+        (``expire_recovery``): a source in PRE_COPY (rolled back), a target
+        not yet RUNNING (reset). A source whose stream may have completed is
+        parked in STOP for the operator, with no deadline (see ``shutdown``).
+        """
+        reacquirer = reacquirer or RegistryReacquirer(self.registry)
+        now = self.clock_ns()
+        deadline_ns = now + int(deadline_s * 1e9)
+        open_: list[Snapshot] = []
+        with self._lock:
+            for rec in self.journal.all():
+                if rec.session_id in self._sessions:
+                    continue
+                s = self._adopt(rec, reacquirer, deadline_ns)
+                if s is None:
+                    continue
+                self._sessions[s.id] = s
+                if not rec.final:
+                    open_.append(self._snapshot(s))
+        return open_
+
+    def _adopt(
+        self, rec: journalmod.SessionRecord, reacquirer: DeviceReacquirer, deadline_ns: int
+    ) -> Session | None:
+        extra = rec.extra
+        incarnation = str(extra.get("incarnation", ""))
+        dev = None if rec.final else reacquirer.reacquire(rec.device_id, incarnation)
+        if dev is None:
+            try:
+                dev = self.registry.get(rec.device_id)
+            except UnknownDevice:
+                log.error(
+                    "session %s: device %s is no longer on this node", rec.session_id, rec.device_id
+                )
+                return None
+            lost = not rec.final
+        else:
+            lost = False
+        s = Session(
+            rec.session_id,
+            Role(rec.role),
+            dev,
+            rec.token_sha256,
+            phase=Phase(rec.phase),
+            message=rec.message,
+            reason=rec.reason,
+            data_endpoint=rec.data_endpoint,
+            stopped_at_ns=int(extra.get("stoppedAtUnixNanos", 0)),
+            running_at_ns=int(extra.get("runningAtUnixNanos", 0)),
+            vmm_paused=bool(extra.get("vmmPaused", False)),
+        )
+        s.recorded_phase, s.phase_since_ns = s.phase, rec.updated_at_unix_nanos
+        if rec.final:
+            return s
+        if lost:
+            # The device's last fd closed with the old process (always so
+            # for a simulated device, which lives in the agent): its state,
+            # and this session's part of it, is gone.
+            s.phase, s.reason = Phase.FAILED, "DeviceReset"
+            s.message = (
+                f"the agent restarted in {rec.phase} and {rec.device_id} did not keep its "
+                "state (no process held it open): "
+                + (
+                    "the guest's device state on this node is lost"
+                    if s.role is Role.SOURCE and rec.device_state != "RUNNING"
+                    else "nothing of this session is left on the device"
+                )
+            )
+            self._record(s)
+            log.error("session %s: %s", s.id, s.message)
+            return s
+        try:
+            self.registry.hold(dev.id, s.id)
+        except (UnknownDevice, DeviceBusy) as e:
+            log.error("session %s: cannot take %s back: %s", s.id, dev.id, e)
+        state = dev.handle.get_state()  # the device's own word, not the journal's
+        log.warning(
+            "session %s (%s of %s) found %s with the device %s",
+            s.id,
+            s.role.value,
+            dev.id,
+            s.phase.value,
+            state.name,
+        )
+        if s.role is Role.SOURCE:
+            if s.phase is Phase.PREPARED and state is MigState.RUNNING:
+                pass  # nothing in flight
+            elif s.phase in (Phase.STOP_COPY, Phase.TRANSFERRED):
+                self._park(s, "the agent restarted after stop-and-copy")
+                return s
+            else:
+                s.recovery_deadline_ns = deadline_ns
+        elif not s.running_at_ns or state is not MigState.RUNNING:
+            if s.phase is Phase.PREPARED:
+                s.reason = "StreamInterrupted"
+            s.recovery_deadline_ns = deadline_ns
+        if s.recovery_deadline_ns:
+            s.message = (
+                f"the agent restarted in {s.phase.value} with the device {state.name}; "
+                "waiting for the operator's decision until "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(deadline_ns / 1e9))}, "
+                "then rolling back"
+            )
+        self._record(s)
+        return s
+
+    def next_recovery_deadline(self) -> int:
+        """The earliest pending recovery deadline (unix ns), or 0."""
+        with self._lock:
+            due = [
+                s.recovery_deadline_ns
+                for s in self._sessions.values()
+                if s.recovery_deadline_ns and not s.phase.final
+            ]
+        return min(due, default=0)
+
+    def expire_recovery(self) -> list[str]:
+        """Roll back every recovered session whose deadline passed; returns
+        their ids."""
+        now = self.clock_ns()
+        done: list[str] = []
+        with self._lock:
+            for s in list(self._sessions.values()):
+                if s.phase.final or not s.recovery_deadline_ns or s.recovery_deadline_ns > now:
+                    continue
+                if s.role is Role.TARGET and s.running_at_ns:
+                    s.recovery_deadline_ns = 0
+                    continue
+                try:
+                    self._roll_back(
+                        s,
+                        "RecoveryDeadlineExpired",
+                        "no decision from the operator after the agent restarted; rolled back",
+                    )
+                    self.observer.error("RecoveryDeadlineExpired")
+                    done.append(s.id)
+                except SessionError as e:
+                    log.error("session %s: rollback after the deadline failed: %s", s.id, e)
+        return done
+
+    def run_recovery_deadlines(self, stop: threading.Event, idle_s: float = 60.0) -> None:
+        """Background loop for ``expire_recovery``; ``idle_s``: how often to
+        look when nothing is due (a deadline set later, e.g. by another
+        recovery, is seen within it)."""
+        while not stop.is_set():
+            self.expire_recovery()
+            nxt = self.next_recovery_deadline()
+            wait = idle_s if not nxt else max(0.0, (nxt - self.clock_ns()) / 1e9)
+            stop.wait(min(wait, idle_s))
+
+    # --------------------------------------------------------- lookups
+
+    def sessions_for_device(self, device_id: str) -> list[Snapshot]:
+        """Every session this agent knows on a device, oldest first."""
+        with self._lock:
+            return [self._snapshot(s) for s in self._sessions.values() if s.device.id == device_id]
+
+    def counts(self) -> tuple[dict[Role, int], int, int]:
+        """Active sessions by role, and bytes sent and received by all
+        sessions of this process (monotonic: sessions are kept)."""
+        active = {Role.SOURCE: 0, Role.TARGET: 0}
+        sent = received = 0
+        with self._lock:
+            for s in self._sessions.values():
+                if s.transfer is not None:
+                    s.progress = s.transfer.progress()
+                if not s.phase.final:
+                    active[s.role] += 1
+                sent += s.progress.bytes_sent
+                received += s.progress.bytes_received
+        return active, sent, received
 
     # ------------------------------------------------------------ progress
 
@@ -440,6 +901,19 @@ class SessionManager:
                 # native sink already reset it; make sure.
                 if s.role is Role.TARGET and s.device.handle.state is not MigState.RUNNING:
                     s.device.handle.reset()
+                if s.role is Role.SOURCE and s.device.handle.state is not MigState.RUNNING:
+                    # The pump leaves the device in its saving state. A
+                    # stream that failed cannot be verified, so the target
+                    # never runs from it: the device goes back to RUNNING
+                    # (traps off) at once. The VMM stays paused if it was:
+                    # resuming the guest is the operator's call (Abort),
+                    # since other devices of the VM may still be stopping.
+                    try:
+                        s.device.handle.set_state(MigState.RUNNING, MigState.ERROR)
+                        self._traps_off(s)
+                        s.message += f"; the device is {s.device.handle.state.name} again"
+                    except devmig_native.DevmigError as e:
+                        s.message += f"; back to RUNNING failed: {e}"
             self._record(s)
 
     def _snapshot(self, s: Session) -> Snapshot:
