@@ -1,0 +1,74 @@
+"""A whole migration with the chart's ServiceAccounts: the operator and both
+agents authenticate with the tokens of the ServiceAccounts the chart
+creates, bound by the chart's own RBAC. A permission the code needs and the
+chart does not grant fails this test."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from kubernetes import client
+from test_rbac import install_rbac
+
+from devmig_testbed import controlplane, objects, processes
+
+
+def test_a_migration_succeeds_with_only_the_charts_permissions(
+    helm: Any,
+    control_plane: controlplane.ControlPlane,
+    kube: Any,
+    namespace: str,
+    release: str,
+    tmp_path: pathlib.Path,
+) -> None:
+    # The operator serves this test's namespace only (operator.watchNamespaces),
+    # as the chart runs it with --namespace: objects other tests left in
+    # other namespaces stay out of this run.
+    served = (f"operator.watchNamespaces={{{namespace}}}",)
+    with install_rbac(helm, control_plane, kube, namespace, release, served) as inst:
+        sa = {
+            c: next(
+                d["metadata"]["name"]
+                for d in inst.docs
+                if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith(f"-{c}")
+            )
+            for c in ("operator", "agent")
+        }
+        op_cfg = control_plane.service_account_kubeconfig(namespace, sa["operator"])
+        agent_cfg = control_plane.service_account_kubeconfig(namespace, sa["agent"])
+        for n in ("node-a", "node-b"):
+            objects.create_node(kube, n)
+        agents = [
+            processes.start_agent(agent_cfg, "node-a", tmp_path, holders={0: f"{namespace}/vm"}),
+            processes.start_agent(agent_cfg, "node-b", tmp_path),
+        ]
+        operator = processes.start_operator(op_cfg, namespace, controlplane.free_port(), namespace)
+        try:
+            processes.wait_inventories(kube, agents)
+            objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
+            objects.create_dm(kube, namespace, "m", "vm", policy={"downtimeLimitMs": 2000})
+            dm = objects.wait_dm(
+                kube,
+                namespace,
+                "m",
+                lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
+                timeout_s=120,
+            )
+            # kopf posts Events asynchronously: they arrive shortly after.
+            objects.eventually(
+                lambda: next(
+                    e
+                    for e in client.CoreV1Api(kube).list_namespaced_event(namespace).items
+                    if e.reason == "Succeeded" and e.involved_object.name == "m"
+                ),
+                what="the Succeeded event",
+            )
+        finally:
+            operator.terminate()
+            out, _ = operator.communicate(timeout=20)
+            print(out[-4000:])
+            for a in agents:
+                print(a.stop())
+        assert dm["status"]["phase"] == "Succeeded", dm["status"]
+        assert "Forbidden" not in out and "403" not in out, out[-4000:]
