@@ -15,7 +15,14 @@ from typing import Any
 
 from devmig_operator import agents as agentsmod
 from devmig_operator import metrics
-from devmig_operator.conditions import Phase, Reason, now, phase_status
+from devmig_operator.conditions import (
+    ConditionType,
+    Phase,
+    Reason,
+    now,
+    phase_status,
+    set_condition,
+)
 from devmig_operator.context import Context
 from devmig_operator.phases import (
     pre_copy,
@@ -109,6 +116,16 @@ def reconcile(
                 ctx.status, result.next_phase, ctx.generation, at, reason, result.message
             )
             patch.update(result.status)
+            if phase is Phase.VALIDATING and result.next_phase is Phase.PREPARING_TARGET:
+                patch["conditions"] = set_condition(
+                    patch["conditions"],
+                    ConditionType.READY,
+                    True,
+                    Reason.TARGET_CLAIMED,
+                    result.message,
+                    ctx.generation,
+                    at,
+                )
             _write(ctx, patch)
             metrics.record_phase(
                 ctx.namespace, ctx.name, result.next_phase, ctx.status.get("downtimeMs")
@@ -124,6 +141,16 @@ def reconcile(
                 ctx.status, phase, ctx.generation, at, result.reason, result.message
             )
             patch.update(result.status)
+            if result.reason is Reason.NO_COMPATIBLE_TARGET:
+                patch["conditions"] = set_condition(
+                    patch["conditions"],
+                    ConditionType.READY,
+                    False,
+                    result.reason,
+                    result.message,
+                    ctx.generation,
+                    at,
+                )
             _write(ctx, patch)
             if result.delay <= 0:
                 continue  # recorded; go on at once (e.g. past the commit point)

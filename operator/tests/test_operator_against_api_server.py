@@ -106,6 +106,8 @@ def test_a_migration_claims_a_target_prepares_and_rolls_back_when_the_agent_refu
         "Failed",
     ]
     assert (st["sourceNode"], st["targetNode"]) == ("node-a", "node-b")
+    ready = _cond(dm, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "TargetClaimed")
     assert st["devices"][0]["targetDevice"] == "0000:02:00.0"
     f = _cond(dm, "Failed")
     assert f["reason"] == "AgentError" and "UNIMPLEMENTED" in f["message"]
@@ -134,6 +136,10 @@ def test_a_migration_waiting_for_a_target_can_be_cancelled(
         ),
     )
     assert "node-zz: no device inventory" in _cond(dm, "Progressing")["message"]
+    assert (_cond(dm, "Ready")["status"], _cond(dm, "Ready")["reason"]) == (
+        "False",
+        "NoCompatibleTarget",
+    )
     client.CustomObjectsApi(kube).patch_namespaced_custom_object(
         "devmig.io", "v1alpha1", namespace, "devicemigrations", "m", {"spec": {"cancel": True}}
     )
