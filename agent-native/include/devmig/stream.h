@@ -30,17 +30,36 @@ extern "C" {
  * also the bound that keeps a corrupt length from allocating without end. */
 #define DEVMIG_STREAM_MAX_FRAME (1u << 20)
 
-/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), slicing-by-8.
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78): the CPU's CRC32
+ * instruction where it has one (x86-64 SSE4.2), slicing-by-8 otherwise.
  * Pass 0 to start; feed the previous result to continue. */
 uint32_t devmig_crc32c(uint32_t crc, const void *buf, size_t len);
+
+/* Implementations of the checksums, all giving the same results; the
+ * default (AUTO) is chosen once from the CPU's features. Named so tests
+ * and benchmarks can compare them. */
+enum devmig_impl {
+	DEVMIG_IMPL_AUTO = 0,
+	DEVMIG_IMPL_PORTABLE = 1, /* plain C */
+	DEVMIG_IMPL_X86 = 2,      /* CRC32C: SSE4.2 crc32; SHA-256: the SHA extensions */
+};
+typedef uint32_t (*devmig_crc32c_fn)(uint32_t crc, const void *buf, size_t len);
+/* The implementation, or NULL when this CPU lacks it. */
+devmig_crc32c_fn devmig_crc32c_impl(int impl);
 
 struct devmig_sha256 {
 	uint32_t h[8];
 	uint64_t len; /* bytes hashed */
 	uint8_t buf[64];
 	size_t fill;
+	void (*blocks)(uint32_t h[8], const uint8_t *p, size_t n); /* n 64-byte blocks */
 };
 void devmig_sha256_init(struct devmig_sha256 *s);
+/* As devmig_sha256_init with a given implementation; -ENOTSUP when this
+ * CPU lacks it. */
+int devmig_sha256_init_impl(struct devmig_sha256 *s, int impl);
+/* "crc32c=sse4.2 sha256=sha-ni" or the portable names: what AUTO uses. */
+const char *devmig_crypto_impls(void);
 void devmig_sha256_update(struct devmig_sha256 *s, const void *buf, size_t len);
 void devmig_sha256_final(struct devmig_sha256 *s, uint8_t out[32]);
 
