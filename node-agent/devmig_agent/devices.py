@@ -99,6 +99,27 @@ class DeviceRegistry:
             d.info = dataclasses.replace(d.info, vmi=vmi)
             self._bump()
 
+    def set_holders(self, devices: list[InventoryDevice]) -> bool:
+        """Take ``pod``, ``vmi`` and ``resource_name`` from ``devices``
+        (``inventory.with_holders`` of the kubelet's view); True if any
+        changed."""
+        by_id = {d.id: d for d in devices}
+        changed = False
+        with self._lock:
+            for d in self._devices.values():
+                n = by_id.get(d.id)
+                if n is None:
+                    continue
+                new = dataclasses.replace(
+                    d.info, pod=n.pod, vmi=n.vmi, resource_name=n.resource_name
+                )
+                if new != d.info:
+                    d.info = new
+                    changed = True
+            if changed:
+                self._bump()
+        return changed
+
     def inventory(self) -> list[InventoryDevice]:
         """What the node's NodeDeviceInventory lists."""
         return [d.info for d in self.all()]

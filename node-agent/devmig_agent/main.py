@@ -1,4 +1,21 @@
-"""``devmig-agent``: run the node agent's gRPC server."""
+"""``devmig-agent``: run the node agent's gRPC server.
+
+What it starts, from its flags and the environment the chart sets:
+
+- the gRPC API (``--listen``; mutual TLS from ``DEVMIG_TLS_DIR``);
+- with devices (``--sim`` / ``DEVMIG_SIM``): the session manager over the
+  journal in ``DEVMIG_STATE_DIR``, recovering what the journal holds, and
+  the data path (``DEVMIG_DATA_PORT``);
+- the KubeVirt node-hook server on ``DEVMIG_HOOK_SOCKET`` (off when unset);
+- who holds which device from the kubelet (``DEVMIG_POD_RESOURCES_SOCKET``)
+  when that socket exists and no ``--sim-holder`` is given;
+- Prometheus metrics on ``DEVMIG_METRICS_PORT`` (off when unset or 0);
+- on SIGTERM: no new hook or API call, every session settled
+  (``SessionManager.shutdown``), then exit 0.
+
+There is no gRPC health service: it needs grpcio-health-checking, which the
+workspace does not lock; the chart's probes are TCP.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +32,64 @@ from typing import Any
 
 import grpc
 
-from devmig_agent import datapath, devices, inventory, journal, security, server, sessions
+from devmig_agent import (
+    datapath,
+    devices,
+    hooks_kubevirt,
+    hooks_sessions,
+    inventory,
+    journal,
+    podresources,
+    security,
+    server,
+    sessions,
+)
 
 log = logging.getLogger("devmig_agent")
 
 # Worker threads for unary RPCs; streaming RPCs hold a thread each, and a
 # node runs a handful of sessions at most, so 16 leaves ample headroom.
 MAX_WORKERS = 16
+# Seconds between reads of the kubelet's pod resources: the same poll as the
+# inventory's, so a device newly held shows up in the next publish.
+HOLDERS_POLL_SECONDS = inventory.POLL_SECONDS
+# Seconds in-flight RPCs get to finish at SIGTERM before the sessions are
+# settled; the chart's terminationGracePeriodSeconds (60) leaves the rest
+# for rolling back devices.
+SHUTDOWN_GRACE_SECONDS = 5.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class NoDeviceBackend:
+    """Hooks of an agent that cannot migrate: a devmig VMI must not move."""
+
+    def _refuse(self, vmi: hooks_kubevirt.HookVmi) -> None:
+        raise hooks_kubevirt.HookError(
+            hooks_kubevirt.HookErrorKind.UNAVAILABLE,
+            "NoDeviceBackend",
+            f"the devmig agent on {vmi.node_name} runs without devices; "
+            f"VMI {vmi.key} cannot migrate its devices",
+        )
+
+    pre_migration_source = _refuse
+    pre_migration_target = _refuse
+    post_migration_target = _refuse
+
+
+def refresh_holders(
+    registry: devices.DeviceRegistry, socket_path: str, stop: threading.Event
+) -> None:
+    """Keep the registry's pod and VMI per device in step with the kubelet."""
+    with podresources.PodResourcesClient(socket_path) as client:
+        while not stop.is_set():
+            try:
+                held = podresources.device_holders(
+                    client.list_assignments(), inventory.node_device_keys(registry.inventory())
+                )
+                registry.set_holders(inventory.with_holders(registry.inventory(), held))
+            except podresources.PodResourcesError as e:
+                log.warning("pod resources: %s", e)
+            stop.wait(HOLDERS_POLL_SECONDS)
 
 
 def kube_api() -> Any:
@@ -83,12 +151,48 @@ def main(argv: list[str] | None = None) -> int:
         help="address peers and the operator use to reach this agent (env POD_IP)",
     )
     p.add_argument(
+        "--log-level",
+        default=os.environ.get("DEVMIG_LOG_LEVEL", "INFO").upper(),
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="env DEVMIG_LOG_LEVEL (default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("DEVMIG_METRICS_PORT") or 0),
+        help="serve Prometheus metrics on this port, 0 for none (env DEVMIG_METRICS_PORT)",
+    )
+    p.add_argument(
+        "--hook-socket",
+        default=os.environ.get("DEVMIG_HOOK_SOCKET", ""),
+        help="serve KubeVirt node hooks on this Unix socket, empty for none "
+        f"(env DEVMIG_HOOK_SOCKET; the chart's is {hooks_kubevirt.DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--pod-resources-socket",
+        default=os.environ.get("DEVMIG_POD_RESOURCES_SOCKET", podresources.DEFAULT_SOCKET),
+        help="the kubelet's pod-resources socket, read when it exists "
+        "(env DEVMIG_POD_RESOURCES_SOCKET; default %(default)s)",
+    )
+    p.add_argument(
+        "--recovery-deadline",
+        type=float,
+        default=sessions.DEFAULT_RECOVERY_DEADLINE_SECONDS,
+        metavar="SECONDS",
+        help="after a restart, how long an unfinished session waits for the operator "
+        "before the agent rolls it back (default %(default)s)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="serve without TLS on a non-loopback address (never in production)",
     )
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, a.log_level),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS))
     host = a.listen.rsplit(":", 1)[0]
     tls = None
@@ -99,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             return 1
     registry, sessions_ = None, None
+    dp_: datapath.DataPath | None = None
     if a.sim:
         try:
             spec = devices.SimSpec.parse(a.sim)
@@ -131,8 +236,18 @@ def main(argv: list[str] | None = None) -> int:
             tls,
             a.advertise_host or data_host,
         )
+        dp_ = dp
         manager.append(sessions.SessionManager(registry, j, dp))
         sessions_ = manager[0]
+        for snap in sessions_.recover(deadline_s=a.recovery_deadline):
+            log.warning(
+                "session %s (%s of %s) unfinished at start: %s %s",
+                snap.session_id,
+                snap.role.value,
+                snap.device_id,
+                snap.phase.value,
+                snap.message,
+            )
         log.info("%d simulated device(s); device state accepted on %s", spec.count, dp.advertise)
     server.add_to_server(srv, a.node_name, registry, sessions_)
     if tls is not None:
@@ -150,6 +265,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     srv.start()
     stop = threading.Event()
+    if sessions_ is not None:
+        threading.Thread(
+            target=sessions_.run_recovery_deadlines, args=(stop,), daemon=True, name="recovery"
+        ).start()
+    if registry is not None and not a.sim_holder and os.path.exists(a.pod_resources_socket):
+        threading.Thread(
+            target=refresh_holders,
+            args=(registry, a.pod_resources_socket, stop),
+            daemon=True,
+            name="holders",
+        ).start()
+    hook_server = None
+    if a.hook_socket:
+        hooks: hooks_kubevirt.MigrationHooks = NoDeviceBackend()
+        if sessions_ is not None and registry is not None:
+            hooks = hooks_sessions.SessionHooks(
+                sessions_, hooks_sessions.registry_devices(registry)
+            )
+        try:
+            hook_server = hooks_kubevirt.serve_node_hooks(hooks, a.hook_socket)
+        except OSError as e:
+            log.error("cannot serve KubeVirt node hooks on %s: %s", a.hook_socket, e)
+            srv.stop(None)
+            return 1
+        log.info("KubeVirt node hooks on %s", a.hook_socket)
     if a.publish_inventory:
         adv = f"{a.advertise_host or host}:{port}"
         pub = inventory.InventoryPublisher(
@@ -164,11 +304,28 @@ def main(argv: list[str] | None = None) -> int:
     log.info("agent for node %s serving on %s:%d", a.node_name, host, port)
 
     def terminate(*_: object) -> None:
+        # Runs on the main thread while it waits below; the work happens
+        # there too, so the handler only asks.
         stop.set()
-        srv.stop(grace=5)
 
     signal.signal(signal.SIGTERM, terminate)
-    srv.wait_for_termination()
+    signal.signal(signal.SIGINT, terminate)
+    stop.wait()
+    log.info("stopping: no new calls, then every session settled")
+    if hook_server is not None:
+        hook_server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+    srv.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
+    if sessions_ is not None:
+        for sid in sessions_.shutdown("the agent received SIGTERM"):
+            rec = sessions_.journal.get(sid)
+            log.warning(
+                "session %s settled at shutdown: %s %s",
+                sid,
+                rec.phase if rec else "?",
+                rec.reason if rec else "",
+            )
+    if dp_ is not None:
+        dp_.shutdown()
     return 0
 
 

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import devmig_native
 from devmig_agent import journal as journalmod
@@ -44,6 +44,8 @@ from devmig_agent.devices import DeviceBusy, DeviceRegistry, ManagedDevice, Unkn
 from devmig_native import MigState
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # How long a session found unfinished at start waits for the operator's
@@ -865,6 +867,19 @@ class SessionManager:
         """Every session this agent knows on a device, oldest first."""
         with self._lock:
             return [self._snapshot(s) for s in self._sessions.values() if s.device.id == device_id]
+
+    def wait_until(self, check: Callable[[], T | None], timeout_s: float) -> T | None:
+        """Evaluate ``check`` now and after every session change until it
+        gives something other than None or ``timeout_s`` passed (wall time,
+        as the caller's own deadline is); returns its last value."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                got = check()
+                left = end - time.monotonic()
+                if got is not None or left <= 0:
+                    return got
+                self._changed.wait(left)
 
     def counts(self) -> tuple[dict[Role, int], int, int]:
         """Active sessions by role, and bytes sent and received by all
