@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "devmig/stream.h"
@@ -75,6 +76,37 @@ int devmig_fd_write_all(void *ctx, const void *buf, size_t len)
 	return 0;
 }
 
+/* As devmig_fd_write_all for an iovec array (modified as it goes). */
+static int fd_writev_all(int fd, struct iovec *iov, int cnt)
+{
+	bool sock = true;
+
+	while (cnt) {
+		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
+		ssize_t n = sock ? sendmsg(fd, &mh, MSG_NOSIGNAL) : writev(fd, iov, cnt);
+
+		if (n < 0 && sock && errno == ENOTSOCK) {
+			sock = false;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		size_t k = (size_t)n;
+
+		for (; cnt && k >= iov->iov_len; cnt--, iov++)
+			k -= iov->iov_len;
+		if (cnt) { /* the rest of a partly written entry */
+			iov->iov_base = (uint8_t *)iov->iov_base + k;
+			iov->iov_len -= k;
+		}
+	}
+	return 0;
+}
+
 int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
 			    uint64_t expected_size, devmig_write_fn out, void *ctx)
 {
@@ -106,9 +138,17 @@ static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *bu
 	put64(fh + 8, e->seq);
 	crc = devmig_crc32c(0, fh, 16);
 	put32(fh + 16, devmig_crc32c(crc, buf, len));
-	r = e->out(e->ctx, fh, sizeof(fh));
-	if (r == 0 && len)
-		r = e->out(e->ctx, buf, len);
+	if (e->out == devmig_fd_write_all) {
+		/* One system call for the frame, its header straight from
+		 * the stack and its payload from the caller's buffer. */
+		struct iovec iov[2] = { { fh, sizeof(fh) }, { (void *)(uintptr_t)buf, len } };
+
+		r = fd_writev_all(*(int *)e->ctx, iov, len ? 2 : 1);
+	} else {
+		r = e->out(e->ctx, fh, sizeof(fh));
+		if (r == 0 && len)
+			r = e->out(e->ctx, buf, len);
+	}
 	if (r == 0)
 		e->seq++;
 	return r;
@@ -280,6 +320,45 @@ static int frame_done(struct devmig_stream_dec *d)
 	return 0;
 }
 
+/* Where the decoder's next bytes go and how many it needs there before it
+ * can check something: 0 once the stream ended (or was refused). Readers
+ * can fill this place directly (devmig_stream_load), sparing a copy. */
+static size_t dec_want(struct devmig_stream_dec *d, uint8_t **dst)
+{
+	switch (d->st) {
+	case D_HEADER:
+		*dst = d->hdr + d->have;
+		return DEVMIG_STREAM_HEADER_LEN - d->have;
+	case D_FRAME_HDR:
+		*dst = d->hdr + d->have;
+		return DEVMIG_STREAM_FRAME_HDR_LEN - d->have;
+	case D_PAYLOAD:
+		*dst = d->payload + d->have;
+		return d->len - d->have;
+	default:
+		*dst = NULL;
+		return 0;
+	}
+}
+
+/* n more bytes (at most what dec_want asked for) are in place. */
+static int dec_advance(struct devmig_stream_dec *d, size_t n)
+{
+	int r = 0;
+
+	d->have += n;
+	if (d->st == D_HEADER && d->have == DEVMIG_STREAM_HEADER_LEN)
+		r = header_done(d);
+	else if (d->st == D_FRAME_HDR && d->have == DEVMIG_STREAM_FRAME_HDR_LEN)
+		r = frame_hdr_done(d);
+	else if (d->st == D_PAYLOAD && d->have == d->len)
+		r = frame_done(d);
+	/* A zero-length frame completes without any byte of its own. */
+	while (r == 0 && d->st == D_PAYLOAD && d->len == 0)
+		r = frame_done(d);
+	return r;
+}
+
 int devmig_stream_dec_feed(struct devmig_stream_dec *d, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
@@ -288,42 +367,17 @@ int devmig_stream_dec_feed(struct devmig_stream_dec *d, const void *buf, size_t 
 	if (d->st == D_FAILED)
 		return d->err;
 	while (len && r == 0) {
-		size_t need, n;
 		uint8_t *dst;
+		size_t need = dec_want(d, &dst), n;
 
-		switch (d->st) {
-		case D_HEADER:
-			need = DEVMIG_STREAM_HEADER_LEN;
-			dst = d->hdr;
-			break;
-		case D_FRAME_HDR:
-			need = DEVMIG_STREAM_FRAME_HDR_LEN;
-			dst = d->hdr;
-			break;
-		case D_PAYLOAD:
-			need = d->len;
-			dst = d->payload;
-			break;
-		default:
+		if (!need)
 			return fail(d, -EBADMSG, "data after the trailer");
-		}
-		n = need - d->have < len ? need - d->have : len;
-		memcpy(dst + d->have, p, n);
-		d->have += n;
+		n = need < len ? need : len;
+		memcpy(dst, p, n);
 		p += n;
 		len -= n;
-		if (d->have < need)
-			break;
-		if (d->st == D_HEADER)
-			r = header_done(d);
-		else if (d->st == D_FRAME_HDR)
-			r = frame_hdr_done(d);
-		else
-			r = frame_done(d);
+		r = dec_advance(d, n);
 	}
-	/* A zero-length frame completes without any byte of its own. */
-	while (r == 0 && d->st == D_PAYLOAD && d->len == 0)
-		r = frame_done(d);
 	return r;
 }
 
@@ -398,6 +452,8 @@ long devmig_stream_save(struct devmig_dev *d, int out_fd)
 	return r < 0 ? r : (long)e.total;
 }
 
+#define LOAD_TAIL 4096u
+
 static int dev_sink(void *ctx, const void *buf, size_t len)
 {
 	long n = devmig_data_write(ctx, buf, len);
@@ -408,14 +464,15 @@ static int dev_sink(void *ctx, const void *buf, size_t len)
 int devmig_stream_load(struct devmig_dev *d, int in_fd)
 {
 	struct devmig_stream_dec *dec;
-	/* 64 KiB reads: a socket delivers at most its buffer per read anyway,
-	 * and frames are reassembled by the decoder whatever the split. */
+	/* Reads go straight into the decoder's header or frame buffer, each
+	 * asking for the rest of what it is filling; buf only takes what
+	 * comes after the trailer. */
 	uint8_t *buf;
 	int r;
 
 	if (d->state != DEVMIG_STATE_RESUMING || d->data_fd < 0 || d->poisoned)
 		return -EINVAL;
-	buf = malloc(1u << 16);
+	buf = malloc(LOAD_TAIL);
 	if (!buf)
 		return -ENOMEM;
 	r = devmig_stream_dec_new(&d->desc, dev_sink, d, &dec);
@@ -424,8 +481,17 @@ int devmig_stream_load(struct devmig_dev *d, int in_fd)
 		return r;
 	}
 	for (;;) {
-		ssize_t n = read(in_fd, buf, 1u << 16);
+		uint8_t *dst;
+		size_t want = dec_want(dec, &dst);
+		ssize_t n;
 
+		/* After the trailer, read on only to see the end of file (or
+		 * bytes that should not be there: the decoder refuses them). */
+		if (!want) {
+			dst = buf;
+			want = LOAD_TAIL;
+		}
+		n = read(in_fd, dst, want);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
@@ -436,7 +502,7 @@ int devmig_stream_load(struct devmig_dev *d, int in_fd)
 			r = devmig_stream_dec_finish(dec);
 			break;
 		}
-		r = devmig_stream_dec_feed(dec, buf, (size_t)n);
+		r = dst == buf ? devmig_stream_dec_feed(dec, buf, (size_t)n) : dec_advance(dec, (size_t)n);
 		if (r < 0)
 			break;
 	}
