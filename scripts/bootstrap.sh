@@ -33,7 +33,9 @@ done
 mkdir -p "$cache"
 
 # 1. Debian packages ------------------------------------------------------
-apt_pkgs=(gcc make git openssl ca-certificates curl unzip python3 python3-venv python3-dev pkg-config graphviz)
+apt_pkgs=(gcc make git openssl ca-certificates curl unzip python3 python3-venv python3-dev pkg-config graphviz
+  # the real-kernel test (tests/kernel): QEMU, busybox, the kernel source and its build deps
+  qemu-system-x86 busybox-static linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,538 @@
+/* The native core against the real kernel: the mtty sample driver's
+ * migration support (samples/vfio-mdev/mtty.c), two mtty-2 mdevs.
+ *
+ *   devmig-kernel-test SOURCE_UUID TARGET_UUID
+ *
+ * Runs as PID 1's child inside the test kernel's initramfs and prints one
+ * line per check, "ok NAME" or "not ok NAME: why" (and "skip NAME: why"),
+ * then "devmig-kernel-test: N ok, M not ok". Lines starting with "#" are
+ * the core's own log. Exit status 0 only when every check passed.
+ *
+ * The migration: bytes written into the source's UARTs (1-byte writes to
+ * BAR0/BAR1 offset 0, the transmit register; mtty loops them back into its
+ * receive FIFO), RUNNING -> PRE_COPY, devmig_stream_save (PRE_COPY's data,
+ * then STOP_COPY's) into a file, devmig_stream_load into the target in
+ * RESUMING, STOP, RUNNING, and the target's UARTs must give the same bytes.
+ * Then the refusals: STOP_COPY -> PRE_COPY* refused by the core without an
+ * ioctl, and streams the core or the driver reject leave the target reset
+ * (RUNNING) with nothing of them loaded. */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* Only the container and group ioctls come from the system header: they
+ * are unchanged since Linux 3.6. Everything about devices and migration
+ * goes through the native core and its own uAPI definitions. */
+#include <linux/vfio.h>
+
+#include "devmig/devmig.h"
+#include "devmig/sim.h"
+#include "devmig/stream.h"
+#include "devmig/vfio.h"
+
+#define UART_RX_TX 0 /* receive/transmit holding register */
+#define UART_LSR 5   /* line status register */
+#define UART_LSR_DR 0x01
+
+static int n_ok, n_bad;
+
+static void check(const char *name, int cond, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void check(const char *name, int cond, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (cond) {
+		printf("ok %s\n", name);
+		n_ok++;
+	} else {
+		printf("not ok %s: ", name);
+		va_start(ap, fmt);
+		vprintf(fmt, ap);
+		va_end(ap);
+		printf("\n");
+		n_bad++;
+	}
+	fflush(stdout);
+}
+
+static void skip(const char *name, const char *why)
+{
+	printf("skip %s: %s\n", name, why);
+	fflush(stdout);
+}
+
+/* ---- the core's log: printed as comments, and counted ---- */
+
+struct logcap {
+	const char *who;
+	int lines;
+	char last[256];
+};
+
+static void log_line(void *ctx, const char *line)
+{
+	struct logcap *c = ctx;
+
+	printf("# %s: %s\n", c->who, line);
+	fflush(stdout);
+	c->lines++;
+	snprintf(c->last, sizeof(c->last), "%s", line);
+}
+
+/* ---- opening an mdev through its group and a type1 container ---- */
+
+struct vdev {
+	const char *uuid;
+	int container, group, fd;
+	uint64_t bar_off[2];
+	struct devmig_dev *dev;
+	struct logcap log;
+};
+
+static int open_group_type1(struct vdev *v, char *why, size_t whylen)
+{
+	char link[160], target[PATH_MAX], path[64];
+	struct vfio_group_status st = { .argsz = sizeof(st) };
+	ssize_t n;
+
+	snprintf(link, sizeof(link), "/sys/bus/mdev/devices/%s/iommu_group", v->uuid);
+	n = readlink(link, target, sizeof(target) - 1);
+	if (n < 0) {
+		snprintf(why, whylen, "readlink %.160s: %s", link, strerror(errno));
+		return -1;
+	}
+	target[n] = 0;
+	snprintf(path, sizeof(path), "/dev/vfio/%.40s", basename(target));
+
+	v->container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
+	if (v->container < 0) {
+		snprintf(why, whylen, "open /dev/vfio/vfio: %s", strerror(errno));
+		return -1;
+	}
+	if (ioctl(v->container, VFIO_GET_API_VERSION) != VFIO_API_VERSION) {
+		snprintf(why, whylen, "unexpected VFIO API version");
+		return -1;
+	}
+	if (ioctl(v->container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1) {
+		snprintf(why, whylen, "container lacks VFIO_TYPE1v2_IOMMU");
+		return -1;
+	}
+	v->group = open(path, O_RDWR | O_CLOEXEC);
+	if (v->group < 0) {
+		snprintf(why, whylen, "open %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (ioctl(v->group, VFIO_GROUP_GET_STATUS, &st) < 0 || !(st.flags & VFIO_GROUP_FLAGS_VIABLE)) {
+		snprintf(why, whylen, "group %s not viable", path);
+		return -1;
+	}
+	if (ioctl(v->group, VFIO_GROUP_SET_CONTAINER, &v->container) < 0) {
+		snprintf(why, whylen, "VFIO_GROUP_SET_CONTAINER: %s", strerror(errno));
+		return -1;
+	}
+	if (ioctl(v->container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) {
+		snprintf(why, whylen, "VFIO_SET_IOMMU type1v2: %s", strerror(errno));
+		return -1;
+	}
+	v->fd = devmig_vfio_group_get_device_fd(v->group, v->uuid);
+	if (v->fd < 0) {
+		snprintf(why, whylen, "VFIO_GROUP_GET_DEVICE_FD %s: %s", v->uuid, strerror(-v->fd));
+		return -1;
+	}
+	return 0;
+}
+
+/* The descriptor a stream carries: the ids from the device's own PCI
+ * config space (region 7), the driver by name. */
+static int read_desc(struct vdev *v, struct devmig_dev_desc *desc, char *why, size_t whylen)
+{
+	struct devmig_region_info ri;
+	uint8_t id[4];
+	int r = devmig_vfio_get_region_info(v->fd, DEVMIG_VFIO_PCI_CONFIG_REGION_INDEX, &ri);
+
+	if (r < 0) {
+		snprintf(why, whylen, "config region info: %s", strerror(-r));
+		return -1;
+	}
+	if (pread(v->fd, id, sizeof(id), (off_t)ri.offset) != (ssize_t)sizeof(id)) {
+		snprintf(why, whylen, "config space read: %s", strerror(errno));
+		devmig_region_info_free(&ri);
+		return -1;
+	}
+	devmig_region_info_free(&ri);
+	memset(desc, 0, sizeof(*desc));
+	desc->vendor_id = (uint16_t)(id[0] | id[1] << 8);
+	desc->device_id = (uint16_t)(id[2] | id[3] << 8);
+	snprintf(desc->driver, sizeof(desc->driver), "mtty");
+	for (uint32_t i = 0; i < 2; i++) {
+		r = devmig_vfio_get_region_info(v->fd, DEVMIG_VFIO_PCI_BAR0_REGION_INDEX + i, &ri);
+		if (r < 0) {
+			snprintf(why, whylen, "BAR%u region info: %s", i, strerror(-r));
+			return -1;
+		}
+		v->bar_off[i] = ri.offset;
+		devmig_region_info_free(&ri);
+	}
+	return 0;
+}
+
+static int open_vdev(struct vdev *v, const char *who, const char *check_name)
+{
+	char why[512] = "";
+	struct devmig_dev_desc desc;
+	int r;
+
+	v->container = v->group = v->fd = -1;
+	v->log.who = who;
+	if (open_group_type1(v, why, sizeof(why)) < 0 || read_desc(v, &desc, why, sizeof(why)) < 0) {
+		check(check_name, 0, "%s", why);
+		return -1;
+	}
+	r = devmig_dev_open_vfio(v->fd, &desc, &v->dev);
+	if (r < 0) {
+		check(check_name, 0, "devmig_dev_open_vfio: %s", strerror(-r));
+		return -1;
+	}
+	devmig_dev_set_log(v->dev, log_line, &v->log);
+	check(check_name, 1, "%s", "");
+	return 0;
+}
+
+/* ---- the UART: one byte at a time, as a guest driver would ---- */
+
+static int uart_write(struct vdev *v, int port, const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (pwrite(v->fd, &s[i], 1, (off_t)(v->bar_off[port] + UART_RX_TX)) != 1)
+			return -errno;
+	return 0;
+}
+
+/* Read until the receive FIFO is empty (LSR.DR clear); returns the count. */
+static int uart_drain(struct vdev *v, int port, char *buf, size_t max)
+{
+	size_t n = 0;
+
+	for (;;) {
+		uint8_t lsr, c;
+
+		if (pread(v->fd, &lsr, 1, (off_t)(v->bar_off[port] + UART_LSR)) != 1)
+			return -errno;
+		if (!(lsr & UART_LSR_DR))
+			return (int)n;
+		if (n == max)
+			return -EOVERFLOW;
+		if (pread(v->fd, &c, 1, (off_t)(v->bar_off[port] + UART_RX_TX)) != 1)
+			return -errno;
+		buf[n++] = (char)c;
+	}
+}
+
+static const char *state_name(uint32_t s)
+{
+	const char *n = devmig_state_name(s);
+
+	return n ? n : "?";
+}
+
+/* The state as the kernel reports it (not the core's record). */
+static uint32_t kstate(struct vdev *v)
+{
+	uint32_t s = 0xffffffffu;
+
+	if (devmig_vfio_mig_get_state(v->fd, &s) < 0)
+		return 0xffffffffu;
+	return s;
+}
+
+static int copy_file(const char *from, const char *to)
+{
+	char buf[4096];
+	int in = open(from, O_RDONLY), out = open(to, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	ssize_t n;
+	int r = 0;
+
+	if (in < 0 || out < 0)
+		r = -1;
+	while (!r && (n = read(in, buf, sizeof(buf))) > 0)
+		if (write(out, buf, (size_t)n) != n)
+			r = -1;
+	if (in >= 0)
+		close(in);
+	if (out >= 0)
+		close(out);
+	return r;
+}
+
+/* Try to load `path` into the running target, which must refuse it: the
+ * load fails with `want_err`, the device is reset (RUNNING, not poisoned)
+ * and its UART still holds only its own marker. */
+static void refused_load(struct vdev *t, const char *name, const char *path, int want_err)
+{
+	static const char marker[] = "T";
+	char got[32];
+	int fd, r, n;
+	uint32_t ks;
+
+	r = uart_write(t, 0, marker, 1);
+	if (r == 0)
+		r = devmig_set_state(t->dev, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, NULL);
+	if (r < 0) {
+		check(name, 0, "setting up: %s", strerror(-r));
+		return;
+	}
+	fd = open(path, O_RDONLY);
+	if (fd < 0) {
+		check(name, 0, "open %s: %s", path, strerror(errno));
+		return;
+	}
+	r = devmig_stream_load(t->dev, fd);
+	close(fd);
+	ks = kstate(t);
+	n = uart_drain(t, 0, got, sizeof(got));
+	check(name,
+	      r == want_err && ks == DEVMIG_STATE_RUNNING && devmig_dev_state(t->dev) == DEVMIG_STATE_RUNNING &&
+		      !devmig_dev_poisoned(t->dev) && n == 1 && got[0] == marker[0],
+	      "load returned %d (%s), want %d (%s); kernel state %s; poisoned %d; UART gave %d bytes",
+	      r, r < 0 ? strerror(-r) : "ok", want_err, strerror(-want_err), state_name(ks),
+	      devmig_dev_poisoned(t->dev), n);
+}
+
+int main(int argc, char **argv)
+{
+	static const char msg0[] = "devmig mtty 0!", msg1[] = "port-1";
+	const char *stream = "/devmig-stream.bin", *bad = "/devmig-bad.bin";
+	struct vdev src = { 0 }, dst = { 0 };
+	struct devmig_precopy_info pi;
+	uint64_t flags, expect_size = 0;
+	char got[64];
+	uint32_t ks;
+	long saved;
+	int r, n, fd, lines;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc != 3) {
+		fprintf(stderr, "usage: %s SOURCE_UUID TARGET_UUID\n", argv[0]);
+		return 2;
+	}
+	src.uuid = argv[1];
+	dst.uuid = argv[2];
+	printf("# devmig native core %s\n", devmig_version());
+
+	if (open_vdev(&src, "source", "open_source_group_type1") < 0 ||
+	    open_vdev(&dst, "target", "open_target_group_type1") < 0)
+		goto out;
+	skip("open_cdev_iommufd", "the native core has no cdev + iommufd open (bind, IOAS, attach) yet");
+
+	flags = devmig_dev_flags(src.dev);
+	check("migration_flags", flags == (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY),
+	      "flags 0x%llx, want STOP_COPY|P2P|PRE_COPY (0x7)", (unsigned long long)flags);
+	check("initial_state_running",
+	      devmig_dev_state(src.dev) == DEVMIG_STATE_RUNNING && kstate(&dst) == DEVMIG_STATE_RUNNING,
+	      "source %s, target %s", state_name(kstate(&src)), state_name(kstate(&dst)));
+
+	r = uart_write(&src, 0, msg0, strlen(msg0));
+	if (r == 0)
+		r = uart_write(&src, 1, msg1, strlen(msg1));
+	check("uart_write_source", r == 0, "%s", strerror(-r));
+
+	/* The kernel refuses a request for ERROR itself; the core refuses it
+	 * first, with the same errno, and nothing moves. */
+	{
+		int raw = devmig_vfio_mig_set_state(src.fd, DEVMIG_STATE_ERROR, &fd);
+
+		r = devmig_set_state(src.dev, DEVMIG_STATE_ERROR, DEVMIG_STATE_RUNNING, NULL);
+		ks = kstate(&src);
+		check("refused_error_same_errno", raw == -EINVAL && r == -EINVAL && ks == DEVMIG_STATE_RUNNING,
+		      "kernel %d, core %d, want -EINVAL from both; state now %s", raw, r, state_name(ks));
+	}
+
+	/* PRE_COPY and back: an aborted pre-copy keeps the device's state. */
+	r = devmig_set_state(src.dev, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL);
+	if (r == 0)
+		r = devmig_set_state(src.dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL);
+	ks = kstate(&src);
+	check("abort_precopy_to_running", r == 0 && ks == DEVMIG_STATE_RUNNING && devmig_data_fd(src.dev) < 0,
+	      "%s; kernel state %s; data fd %d", r ? strerror(-r) : "ok", state_name(ks),
+	      devmig_data_fd(src.dev));
+
+	/* The migration proper. */
+	r = devmig_set_state(src.dev, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, &fd);
+	check("source_to_precopy", r == 0 && fd >= 0 && kstate(&src) == DEVMIG_STATE_PRE_COPY,
+	      "%s; data fd %d; kernel state %s", r ? strerror(-r) : "ok", fd, state_name(kstate(&src)));
+	if (r < 0)
+		goto out;
+	r = devmig_precopy_info(src.dev, &pi);
+	check("precopy_info_initial", r == 0 && pi.initial_bytes > 0 && pi.dirty_bytes == 0,
+	      "%s; initial %llu dirty %llu (want initial > 0: the stream header)", r ? strerror(-r) : "ok",
+	      (unsigned long long)pi.initial_bytes, (unsigned long long)pi.dirty_bytes);
+	r = devmig_data_size(src.dev, &expect_size);
+	check("mig_data_size", r == 0 && expect_size > 0, "%s; %llu bytes", r ? strerror(-r) : "ok",
+	      (unsigned long long)expect_size);
+
+	fd = open(stream, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	saved = fd < 0 ? -errno : devmig_stream_save(src.dev, fd);
+	if (fd >= 0)
+		close(fd);
+	ks = kstate(&src);
+	check("save_precopy_stopcopy", saved > 0 && (uint64_t)saved == expect_size && ks == DEVMIG_STATE_STOP_COPY,
+	      "devmig_stream_save: %ld%s%s, want %llu payload bytes; kernel state %s", saved,
+	      saved < 0 ? " " : "", saved < 0 ? strerror((int)-saved) : "", (unsigned long long)expect_size,
+	      state_name(ks));
+	if (saved <= 0)
+		goto out;
+
+	/* STOP_COPY -> PRE_COPY / PRE_COPY_P2P: refused by the core's own arc
+	 * table with EINVAL, before any ioctl (the core logs each request it
+	 * issues as "FROM -> TO"; a refusal logs only the refusal). */
+	for (int i = 0; i < 2; i++) {
+		uint32_t to = i ? DEVMIG_STATE_PRE_COPY_P2P : DEVMIG_STATE_PRE_COPY;
+		const char *name = i ? "stopcopy_to_precopy_p2p_refused" : "stopcopy_to_precopy_refused";
+
+		lines = src.log.lines;
+		r = devmig_set_state(src.dev, to, DEVMIG_STATE_STOP_COPY, NULL);
+		ks = kstate(&src);
+		check(name,
+		      r == -EINVAL && ks == DEVMIG_STATE_STOP_COPY && src.log.lines == lines + 1 &&
+			      strstr(src.log.last, "refused"),
+		      "core returned %d, want -EINVAL; kernel state %s; log: %s", r, state_name(ks), src.log.last);
+	}
+	/* The arc table is the kernel's: this kernel (6.12, whose core
+	 * refuses the arc from its own table) answers the raw request with the
+	 * same EINVAL, leaving the device in STOP_COPY, and so does the
+	 * simulated device asked the same way. */
+	{
+		struct devmig_sim_config cfg = { 0 };
+		struct devmig_dev *sim = NULL;
+		int raw = devmig_vfio_mig_set_state(src.fd, DEVMIG_STATE_PRE_COPY, &fd);
+		int simr = devmig_dev_open_sim(&cfg, &sim);
+
+		ks = kstate(&src);
+		if (simr == 0) {
+			devmig_dev_set_log(sim, log_line, &src.log);
+			simr = devmig_set_state(sim, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL);
+		}
+		if (simr == 0)
+			simr = devmig_sim_external_set_state(sim, DEVMIG_STATE_PRE_COPY);
+		check("kernel_and_sim_refuse_stopcopy_to_precopy",
+		      raw == -EINVAL && simr == -EINVAL && ks == DEVMIG_STATE_STOP_COPY,
+		      "kernel %d, simulated device %d, want -EINVAL from both; kernel state %s", raw, simr,
+		      state_name(ks));
+		if (sim)
+			devmig_dev_close(sim);
+	}
+	r = devmig_set_state(src.dev, DEVMIG_STATE_STOP, DEVMIG_STATE_ERROR, NULL);
+	check("source_stopcopy_to_stop", r == 0 && kstate(&src) == DEVMIG_STATE_STOP, "%s; kernel state %s",
+	      r ? strerror(-r) : "ok", state_name(kstate(&src)));
+
+	/* Target: RUNNING -> RESUMING (through STOP), the stream, STOP, RUNNING. */
+	r = devmig_set_state(dst.dev, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, &fd);
+	check("target_to_resuming", r == 0 && fd >= 0 && kstate(&dst) == DEVMIG_STATE_RESUMING,
+	      "%s; data fd %d; kernel state %s", r ? strerror(-r) : "ok", fd, state_name(kstate(&dst)));
+	if (r < 0)
+		goto out;
+	fd = open(stream, O_RDONLY);
+	r = fd < 0 ? -errno : devmig_stream_load(dst.dev, fd);
+	if (fd >= 0)
+		close(fd);
+	ks = kstate(&dst);
+	check("load_resuming_to_stop", r == 0 && ks == DEVMIG_STATE_STOP, "devmig_stream_load: %s; kernel state %s",
+	      r ? strerror(-r) : "ok", state_name(ks));
+	if (r < 0)
+		goto out;
+	r = devmig_set_state(dst.dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL);
+	check("target_to_running", r == 0 && kstate(&dst) == DEVMIG_STATE_RUNNING, "%s; kernel state %s",
+	      r ? strerror(-r) : "ok", state_name(kstate(&dst)));
+
+	n = uart_drain(&dst, 0, got, sizeof(got));
+	check("target_uart0_bytes", n == (int)strlen(msg0) && !memcmp(got, msg0, strlen(msg0)),
+	      "read %d bytes \"%.*s\", want \"%s\"", n, n > 0 ? n : 0, got, msg0);
+	n = uart_drain(&dst, 1, got, sizeof(got));
+	check("target_uart1_bytes", n == (int)strlen(msg1) && !memcmp(got, msg1, strlen(msg1)),
+	      "read %d bytes \"%.*s\", want \"%s\"", n, n > 0 ? n : 0, got, msg1);
+
+	/* Streams the target must refuse. The source's stream carries its
+	 * UART bytes, so a target UART holding only its own marker afterwards
+	 * proves nothing of a refused stream was loaded. */
+	{
+		uint8_t b;
+		struct stat st;
+		off_t at = 0;
+
+		/* A flipped byte in the last frame's payload (10 bytes before
+		 * the trailer; mtty's ports are larger): that frame's CRC32C
+		 * fails before it reaches the device, while the frames before
+		 * it (PRE_COPY's part) are already in the device. */
+		r = copy_file(stream, bad);
+		if (r == 0 && stat(bad, &st) == 0)
+			at = st.st_size - (DEVMIG_STREAM_FRAME_HDR_LEN + DEVMIG_STREAM_TRAILER_LEN) - 10;
+		fd = open(bad, O_RDWR);
+		if (r < 0 || at <= 0 || fd < 0 || pread(fd, &b, 1, at) != 1) {
+			check("corrupt_stream_refused_target_reset", 0, "preparing %s", bad);
+		} else {
+			b ^= 0x40;
+			r = pwrite(fd, &b, 1, at) == 1 ? 0 : -errno;
+			close(fd);
+			refused_load(&dst, "corrupt_stream_refused_target_reset", bad, -EBADMSG);
+		}
+		/* Cut before the trailer: every frame verified and went into
+		 * the device, but the stream is incomplete. */
+		r = copy_file(stream, bad);
+		if (r == 0) {
+			r = stat(bad, &st) < 0 ? -errno : 0;
+			if (r == 0 && truncate(bad, st.st_size - (DEVMIG_STREAM_FRAME_HDR_LEN +
+								  DEVMIG_STREAM_TRAILER_LEN)) < 0)
+				r = -errno;
+		}
+		if (r < 0)
+			check("truncated_stream_refused_target_reset", 0, "preparing %s: %s", bad, strerror(-r));
+		else
+			refused_load(&dst, "truncated_stream_refused_target_reset", bad, -ENODATA);
+	}
+	/* A well-formed devmig stream whose payload the driver rejects (mtty
+	 * checks its own header's magic: EFAULT on the write): the write
+	 * error is fatal, the device is reset, never started on the data. */
+	{
+		struct devmig_stream_enc e;
+		uint8_t junk[256];
+
+		memset(junk, 0xa5, sizeof(junk));
+		fd = open(bad, O_RDWR | O_CREAT | O_TRUNC, 0600);
+		r = fd < 0 ? -errno : devmig_stream_enc_begin(&e, devmig_dev_desc(src.dev), sizeof(junk),
+								 devmig_fd_write_all, &fd);
+		if (r == 0)
+			r = devmig_stream_enc_data(&e, junk, expect_size < sizeof(junk) ? expect_size : sizeof(junk));
+		if (r == 0)
+			r = devmig_stream_enc_finish(&e);
+		if (fd >= 0)
+			close(fd);
+		if (r < 0)
+			check("driver_rejected_write_target_reset", 0, "preparing %s: %s", bad, strerror(-r));
+		else
+			refused_load(&dst, "driver_rejected_write_target_reset", bad, -EFAULT);
+	}
+
+	/* The source, after all that, still holds its bytes: saving does not
+	 * consume the UART, and STOP -> RUNNING restarts it as it was. */
+	r = devmig_set_state(src.dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL);
+	n = uart_drain(&src, 0, got, sizeof(got));
+	check("source_resumes_with_its_bytes",
+	      r == 0 && n == (int)strlen(msg0) && !memcmp(got, msg0, strlen(msg0)),
+	      "%s; read %d bytes \"%.*s\", want \"%s\"", r ? strerror(-r) : "ok", n, n > 0 ? n : 0, got, msg0);
+
+out:
+	if (src.dev)
+		devmig_dev_close(src.dev);
+	if (dst.dev)
+		devmig_dev_close(dst.dev);
+	printf("devmig-kernel-test: %d ok, %d not ok\n", n_ok, n_bad);
+	return n_bad ? 1 : 0;
+}
