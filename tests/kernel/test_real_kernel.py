@@ -37,6 +37,7 @@ CHECKS = [
     "initial_state_running",
     "uart_write_source",
     "refused_error_same_errno",
+    "precopy_temporary_end",
     "abort_precopy_to_running",
     "source_to_precopy",
     "precopy_info_initial",

@@ -31,4 +31,6 @@ trap 'rm -f "$tmp"' EXIT
 "$CC" "${flags[@]}" -o "$tmp" "${files[@]}"
 chmod 755 "$tmp"
 mv "$tmp" "$out"
+# Each change to the sources makes a new entry: keep the 8 newest.
+ls -1dt "$cache/kernel-guest"/*/ | tail -n +9 | xargs -r rm -rf
 echo "$out"

@@ -355,10 +355,27 @@ int main(int argc, char **argv)
 		      "kernel %d, core %d, want -EINVAL from both; state now %s", raw, r, state_name(ks));
 	}
 
-	/* PRE_COPY and back: an aborted pre-copy keeps the device's state. */
+	/* PRE_COPY and back: an aborted pre-copy keeps the device's state.
+	 * On the way, PRE_COPY's temporary end as mtty gives it: a read of 0
+	 * once the initial bytes are read, which the core reports as ENOMSG,
+	 * and PRECOPY_INFO then says the initial data is done (0 dirty: mtty
+	 * does no DMA and its ports only travel in STOP_COPY). */
 	r = devmig_set_state(src.dev, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL);
-	if (r == 0)
+	if (r == 0) {
+		char hdr[256];
+		uint64_t dirty = 1;
+		int before = devmig_precopy_initial_done(src.dev, NULL);
+		long n1 = devmig_data_read(src.dev, hdr, sizeof(hdr));
+		long n2 = devmig_data_read(src.dev, hdr, sizeof(hdr));
+		int after = devmig_precopy_initial_done(src.dev, &dirty);
+
+		check("precopy_temporary_end",
+		      before == 0 && n1 > 0 && n2 == -ENOMSG && after == 1 && dirty == 0,
+		      "initial done before %d (want 0), first read %ld (want > 0), second read %ld (want -ENOMSG), "
+		      "initial done after %d (want 1), dirty %llu",
+		      before, n1, n2, after, (unsigned long long)dirty);
 		r = devmig_set_state(src.dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL);
+	}
 	ks = kstate(&src);
 	check("abort_precopy_to_running", r == 0 && ks == DEVMIG_STATE_RUNNING && devmig_data_fd(src.dev) < 0,
 	      "%s; kernel state %s; data fd %d", r ? strerror(-r) : "ok", state_name(ks),

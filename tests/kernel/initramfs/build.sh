@@ -42,5 +42,7 @@ for p in "$@"; do cp "$p" "$stage/$(basename "$p")"; chmod 755 "$stage/$(basenam
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 | gzip -6 >"$tmp")
 chmod 644 "$tmp"
 mv "$tmp" "$out"
+# Each change to the sources makes a new entry: keep the 8 newest.
+ls -1dt "$cache/kernel-initramfs"/*/ | tail -n +9 | xargs -r rm -rf
 echo "[initramfs] packed $out ($(du -k "$out" | cut -f1) KiB)" >&2
 echo "$out"
