@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Self
 from devmig_native import _native
 
 __all__ = [
+    "ChecksumImpl",
     "Device",
     "DevmigError",
     "MigFlags",
@@ -27,7 +28,10 @@ __all__ = [
     "SimDevice",
     "SimStats",
     "StreamError",
+    "crc32c",
+    "crypto_impls",
     "fsm_path",
+    "sha256",
     "version",
 ]
 
@@ -75,6 +79,30 @@ class MigFlags(enum.IntFlag):
 def version() -> str:
     """Version string of the compiled core."""
     return str(_native.version())
+
+
+class ChecksumImpl(enum.IntEnum):
+    """Implementations of the stream's checksums (C enum devmig_impl)."""
+
+    AUTO = 0  # the CPU's own when it has one
+    PORTABLE = 1  # plain C
+    X86 = 2  # SSE4.2 crc32 / SHA extensions
+
+
+def crc32c(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> int:
+    """CRC32C of ``data`` as the stream computes it; OSError(ENOTSUP) when
+    this CPU lacks ``impl``. Runs without the GIL."""
+    return int(_native.crc32c(data, int(impl)))
+
+
+def sha256(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> bytes:
+    """SHA-256 of ``data`` as the stream's trailer computes it; as crc32c."""
+    return bytes(_native.sha256(data, int(impl)))
+
+
+def crypto_impls() -> str:
+    """What AUTO uses here, e.g. "crc32c=sse4.2 sha256=sha-ni"."""
+    return str(_native.crypto_impls())
 
 
 def fsm_path(flags: int, from_state: int, to_state: int) -> list[MigState]:

@@ -2,8 +2,11 @@
  * the device paths: a target never leaves RESUMING on a stream that did not
  * verify, and is reset instead. */
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -415,10 +418,85 @@ static void test_device_paths(void)
 	devmig_dev_close(src);
 }
 
+/* ---- the encoder on an fd: whole frames in one system call each, and
+ * writes cut short by signals resumed where they stopped ---- */
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+}
+
+struct slow_reader {
+	int fd;
+	struct mem got;
+};
+
+static void *slow_read(void *arg)
+{
+	struct slow_reader *s = arg;
+	uint8_t buf[3000];
+	ssize_t n;
+
+	/* Small reads with pauses keep the writer blocked on a full socket,
+	 * where the timer's signals interrupt it part way. */
+	while ((n = read(s->fd, buf, sizeof(buf))) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			break;
+		mem_write(&s->got, buf, (size_t)n);
+		if (s->got.len % 7 == 0)
+			usleep(50);
+	}
+	return NULL;
+}
+
+static void test_fd_writes(void)
+{
+	struct sigaction sa = { 0 }, old;
+	struct itimerval it = { { 0, 300 }, { 0, 300 } }, off = { { 0, 0 }, { 0, 0 } };
+	struct slow_reader sr = { 0 };
+	struct mem want = make_stream(&DESC, 5, 300000);
+	struct devmig_stream_enc e;
+	pthread_t th;
+	int sv[2], sndbuf = 4096, fd;
+	uint8_t *p = malloc(300000);
+
+	for (size_t i = 0; i < 300000; i++)
+		p[i] = (uint8_t)(i * 31 + 7);
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+	sr.fd = sv[1];
+	CHECK(pthread_create(&th, NULL, slow_read, &sr) == 0);
+	sa.sa_handler = on_alarm; /* no SA_RESTART: sendmsg returns short */
+	sigaction(SIGALRM, &sa, &old);
+	setitimer(ITIMER_REAL, &it, NULL);
+	fd = sv[0];
+	CHECK(devmig_stream_enc_begin(&e, &DESC, 5 * 300000, devmig_fd_write_all, &fd) == 0);
+	for (int f = 0; f < 5; f++) {
+		p[0] = (uint8_t)f;
+		CHECK(devmig_stream_enc_data(&e, p, 300000) == 0);
+	}
+	CHECK(devmig_stream_enc_finish(&e) == 0);
+	setitimer(ITIMER_REAL, &off, NULL);
+	sigaction(SIGALRM, &old, NULL);
+	close(sv[0]);
+	pthread_join(th, NULL);
+	close(sv[1]);
+	/* Byte for byte the stream the in-memory sink got. */
+	CHECK(sr.got.len == want.len);
+	CHECK(sr.got.len == want.len && memcmp(sr.got.b, want.b, want.len) == 0);
+	CHECK(decode(sr.got.b, sr.got.len, 65536, NULL, NULL) == 0);
+	free(sr.got.b);
+	free(want.b);
+	free(p);
+}
+
 int main(void)
 {
 	test_decoder();
 	test_decoder_random_damage();
 	test_device_paths();
+	test_fd_writes();
 	CHECK_DONE();
 }

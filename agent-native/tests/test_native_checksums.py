@@ -1,0 +1,87 @@
+"""The stream's checksums from Python: every implementation agrees with the
+definitions (a bitwise CRC32C here, hashlib's SHA-256), and the CPU's own
+implementations are used where /proc/cpuinfo says the CPU has them."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import pathlib
+import random
+
+import pytest
+
+import devmig_native
+from devmig_native import ChecksumImpl
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _crc_bitwise(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    return c ^ 0xFFFFFFFF
+
+
+def _available(impl: ChecksumImpl) -> bool:
+    try:
+        devmig_native.crc32c(b"", impl)
+        devmig_native.sha256(b"", impl)
+    except OSError as e:
+        assert e.errno == errno.ENOTSUP
+        return False
+    return True
+
+
+IMPLS = list(ChecksumImpl)
+
+
+def test_the_cpu_s_own_implementations_are_used_when_it_has_them() -> None:
+    flags = _cpu_flags()
+    impls = devmig_native.crypto_impls()
+    if "sse4_2" in flags:
+        assert "crc32c=sse4.2" in impls
+        devmig_native.crc32c(b"x", ChecksumImpl.X86)  # does not raise
+    if "sha_ni" in flags and "sse4_2" in flags:
+        assert "sha256=sha-ni" in impls
+    if not flags & {"sse4_2", "sha_ni"}:
+        assert impls == "crc32c=slicing-by-8 sha256=portable"
+
+
+def test_an_unknown_implementation_is_refused() -> None:
+    with pytest.raises(OSError) as e:
+        devmig_native.crc32c(b"abc", 7)
+    assert e.value.errno == errno.ENOTSUP
+    with pytest.raises(OSError):
+        devmig_native.sha256(b"abc", 7)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
+def test_each_implementation_matches_the_definitions(impl: ChecksumImpl) -> None:
+    if not _available(impl):
+        pytest.skip(f"this CPU lacks {impl.name}")
+    rng = random.Random(int(impl))
+    assert devmig_native.crc32c(b"123456789", impl) == 0xE3069283
+    assert devmig_native.sha256(b"abc", impl).hex() == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    for n in [0, 1, 7, 63, 64, 65, 1000, 6143, 6144, 6145, 20000]:
+        data = rng.randbytes(n)
+        assert devmig_native.sha256(data, impl) == hashlib.sha256(data).digest(), n
+        if n <= 1000:
+            assert devmig_native.crc32c(data, impl) == _crc_bitwise(data), n
+    big = memoryview(rng.randbytes(5 << 20))[3:]  # odd start and length
+    assert devmig_native.sha256(big, impl) == hashlib.sha256(big).digest()
+    assert devmig_native.crc32c(big, impl) == devmig_native.crc32c(big, ChecksumImpl.PORTABLE)
