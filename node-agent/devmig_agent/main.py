@@ -9,7 +9,8 @@ What it starts, from its flags and the environment the chart sets:
 - the KubeVirt node-hook server on ``DEVMIG_HOOK_SOCKET`` (off when unset);
 - who holds which device from the kubelet (``DEVMIG_POD_RESOURCES_SOCKET``)
   when that socket exists and no ``--sim-holder`` is given;
-- Prometheus metrics on ``DEVMIG_METRICS_PORT`` (off when unset or 0);
+- Prometheus metrics (``metrics.py``) on ``DEVMIG_METRICS_PORT`` (off when
+  unset or 0, or when prometheus-client is not installed);
 - on SIGTERM: no new hook or API call, every session settled
   (``SessionManager.shutdown``), then exit 0.
 
@@ -39,6 +40,7 @@ from devmig_agent import (
     hooks_sessions,
     inventory,
     journal,
+    metrics,
     podresources,
     security,
     server,
@@ -204,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     registry, sessions_ = None, None
     dp_: datapath.DataPath | None = None
+    agent_metrics: metrics.AgentMetrics | None = None
+    if a.metrics_port:
+        if metrics.available():
+            agent_metrics = metrics.AgentMetrics(a.node_name, lambda: sessions_)
+        else:
+            log.warning("prometheus-client is not installed: no metrics on :%d", a.metrics_port)
     if a.sim:
         try:
             spec = devices.SimSpec.parse(a.sim)
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             a.advertise_host or data_host,
         )
         dp_ = dp
-        manager.append(sessions.SessionManager(registry, j, dp))
+        manager.append(sessions.SessionManager(registry, j, dp, observer=agent_metrics))
         sessions_ = manager[0]
         for snap in sessions_.recover(deadline_s=a.recovery_deadline):
             log.warning(
@@ -276,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             daemon=True,
             name="holders",
         ).start()
+    if agent_metrics is not None:
+        try:
+            agent_metrics.serve(a.metrics_port)
+        except OSError as e:
+            log.error("cannot serve metrics on :%d: %s", a.metrics_port, e)
+            srv.stop(None)
+            return 1
+        log.info("metrics on :%d/metrics", a.metrics_port)
     hook_server = None
     if a.hook_socket:
         hooks: hooks_kubevirt.MigrationHooks = NoDeviceBackend()
@@ -326,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     if dp_ is not None:
         dp_.shutdown()
+    if agent_metrics is not None:
+        agent_metrics.stop()
     return 0
 
 

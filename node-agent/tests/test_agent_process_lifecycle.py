@@ -10,9 +10,11 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -113,10 +115,19 @@ def test_sigterm_rolls_back_the_session_in_flight_and_a_restart_reports_it(
 ) -> None:
     state = short_dir / "state"
     sock = short_dir / "hooks" / "devmig.sock"
-    env = {"DEVMIG_HOOK_SOCKET": str(sock), "DEVMIG_LOG_LEVEL": "warning"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "DEVMIG_HOOK_SOCKET": str(sock),
+        "DEVMIG_LOG_LEVEL": "warning",
+        "DEVMIG_METRICS_PORT": str(port),
+    }
     agent = AgentProcess(state, env)
     # The hook socket serves: a VMI that is not devmig's is answered at once.
     hook(sock, {})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert 'devmig_agent_up{node="p"} 1.0' in r.read().decode()
     into_pre_copy(agent, target)
     code, err = agent.stop(signal.SIGTERM)
     assert code == 0, err
@@ -127,6 +138,7 @@ def test_sigterm_rolls_back_the_session_in_flight_and_a_restart_reports_it(
         "reason": "AgentShutdown",
         "deviceState": "RUNNING",
     }
+    env.pop("DEVMIG_METRICS_PORT")
     again = AgentProcess(state, env)
     st = again.stub.GetSession(pb.GetSessionRequest(session=REF), timeout=10).status
     assert (st.phase, st.reason) == (pb.SESSION_PHASE_ABORTED, "AgentShutdown")
