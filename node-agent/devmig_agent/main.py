@@ -9,6 +9,7 @@ What it starts, from its flags and the environment the chart sets:
 - the KubeVirt node-hook server on ``DEVMIG_HOOK_SOCKET`` (off when unset);
 - who holds which device from the kubelet (``DEVMIG_POD_RESOURCES_SOCKET``)
   when that socket exists and no ``--sim-holder`` is given;
+- the VMM contract (``vmm.py``) on ``--vmm-socket`` (off when empty);
 - Prometheus metrics (``metrics.py``) on ``DEVMIG_METRICS_PORT`` (off when
   unset or 0, or when prometheus-client is not installed);
 - on SIGTERM: no new hook or API call, every session settled
@@ -45,6 +46,7 @@ from devmig_agent import (
     security,
     server,
     sessions,
+    vmm,
 )
 
 log = logging.getLogger("devmig_agent")
@@ -178,6 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         "(env DEVMIG_POD_RESOURCES_SOCKET; default %(default)s)",
     )
     p.add_argument(
+        "--vmm-socket",
+        default="",
+        help="serve the VMM contract (vmm.py) on this Unix socket, empty for none",
+    )
+    p.add_argument(
+        "--vmm-uid",
+        type=int,
+        default=None,
+        help="a uid besides root that may register as a VMM (e.g. virt-launcher's qemu, 107)",
+    )
+    p.add_argument(
         "--recovery-deadline",
         type=float,
         default=sessions.DEFAULT_RECOVERY_DEADLINE_SECONDS,
@@ -245,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
             a.advertise_host or data_host,
         )
         dp_ = dp
-        manager.append(sessions.SessionManager(registry, j, dp, observer=agent_metrics))
+        hub: vmm.VmmHub | None = None
+        if a.vmm_socket:
+            try:
+                hub = vmm.VmmHub(a.vmm_socket, registry, allowed_uid=a.vmm_uid)
+            except OSError as e:
+                log.error("cannot serve the VMM socket %s: %s", a.vmm_socket, e)
+                return 1
+            log.info("VMMs register on %s", a.vmm_socket)
+        manager.append(sessions.SessionManager(registry, j, dp, vmm=hub, observer=agent_metrics))
         sessions_ = manager[0]
         for snap in sessions_.recover(deadline_s=a.recovery_deadline):
             log.warning(

@@ -23,13 +23,13 @@ from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
 
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, journal, sessions
+from devmig_agent import datapath, devices, journal, sessions, vmm
 
 REF = pb.SessionRef(session_id="dm-p-0", token="process-token")
 
 
 class AgentProcess:
-    def __init__(self, state: pathlib.Path, env: dict[str, str]) -> None:
+    def __init__(self, state: pathlib.Path, env: dict[str, str], *extra: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -45,6 +45,7 @@ class AgentProcess:
                 "0=vms/db",
                 "--state-dir",
                 str(state),
+                *extra,
             ],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
@@ -123,9 +124,16 @@ def test_sigterm_rolls_back_the_session_in_flight_and_a_restart_reports_it(
         "DEVMIG_LOG_LEVEL": "warning",
         "DEVMIG_METRICS_PORT": str(port),
     }
-    agent = AgentProcess(state, env)
+    agent = AgentProcess(state, env, "--vmm-socket", str(short_dir / "vmm.sock"))
     # The hook socket serves: a VMI that is not devmig's is answered at once.
     hook(sock, {})
+    # So does the VMM socket (asked about a device it does not have, so no
+    # VMM stays registered for the migration below).
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(short_dir / "vmm.sock"))
+        vmm.send_line(s, {"op": "register", "id": 1, "device": "sim-p-9"})
+        reply = vmm.LineReader(s).read()
+        assert reply is not None and reply["reason"] == "UnknownDevice"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         assert 'devmig_agent_up{node="p"} 1.0' in r.read().decode()
     into_pre_copy(agent, target)

@@ -1,0 +1,370 @@
+"""The VMM contract: a node-local Unix socket where a hypervisor (VMM)
+registers for a device, receives a duplicate of its fd, and does what the
+migration needs of it: trap BAR accesses, pause and resume its vCPUs.
+
+Protocol, version 1: JSON lines (one UTF-8 JSON object per ``\\n``-ended
+line, at most ``MAX_LINE`` bytes), every message carrying ``"v": 1``.
+A message with another ``v`` is answered ``error UnsupportedVersion`` and
+the connection closed, so a later version can be told apart.
+
+VMM -> agent::
+
+    {"v":1, "op":"register", "id":1, "device":"0000:3b:00.1"}
+    {"v":1, "op":"ack", "id":7}
+    {"v":1, "op":"nack", "id":7, "reason":"CannotUnmap", "message":"..."}
+
+agent -> VMM::
+
+    {"v":1, "op":"registered", "id":1, "device":"...", "incarnation":"9f..",
+     "fd":"vfio"}                 + the device fd (SCM_RIGHTS, on this line)
+    {"v":1, "op":"error", "id":1, "reason":"UnknownDevice", "message":"..."}
+    {"v":1, "op":"traps", "id":7, "device":"...", "on":true}
+    {"v":1, "op":"pause", "id":8, "device":"..."}
+    {"v":1, "op":"resume", "id":9, "device":"..."}
+
+Ids: the VMM numbers its requests, the agent numbers its own; replies carry
+the id of the request they answer. Every agent request must be answered
+``ack`` (done) or ``nack`` (refused, with a CamelCase reason). ``ack`` means:
+
+- ``traps on``: no vCPU can reach the device's BAR areas through a direct
+  mapping any more (unmapped, vCPUs past the change); accesses exit to the
+  VMM and reach the device through region reads and writes. The agent
+  asks before the device enters PRE_COPY and StartPreCopy returns only
+  after the ack. ``traps off`` (after a rollback, the device RUNNING): the
+  mappings may come back.
+- ``pause``: no vCPU runs (sent before STOP_COPY). ``resume``: they run
+  again (on the target after the commit point; on the source after a
+  rollback).
+
+``fd``: ``"vfio"`` is a duplicate of the device's VFIO fd. A simulated
+device lives in the agent and has no fd, so it sends ``"placeholder"``
+with an fd of an empty memfd named ``devmig-sim:<device id>``: the VMM
+holds it as it would a real one, and holding it keeps nothing alive.
+
+Who may connect: the peer's uid (SO_PEERCRED) must be 0 or the configured
+``allowed_uid``; others get ``error PermissionDenied`` and are closed.
+
+Not in version 1 yet: handing the fd back to a restarted agent (register
+with the incarnation it was given plus the fd), and the dirty-page pull for
+the memory migration.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
+from devmig_agent.sessions import VmmError
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+# The longest line either side accepts, bytes: messages are a few hundred
+# bytes; 64 KiB leaves room for later fields and bounds a hostile peer.
+MAX_LINE = 64 * 1024
+# How long the agent waits for a VMM's ack, seconds. Trapping means
+# unmapping BARs and kicking every vCPU out of the guest once, and pausing
+# means stopping them: milliseconds for a healthy VMM. 10 s tells a hung
+# VMM from a busy one without holding a migration step for long.
+ACK_TIMEOUT_S = 10.0
+
+FdFor = Callable[[ManagedDevice], tuple[int, str]]
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def send_line(conn: socket.socket, msg: dict[str, Any], fd: int = -1) -> None:
+    data = json.dumps({"v": VERSION, **msg}, separators=(",", ":")).encode() + b"\n"
+    if fd < 0:
+        conn.sendall(data)
+        return
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+    sent = conn.sendmsg([data], anc)
+    if sent < len(data):
+        conn.sendall(data[sent:])
+
+
+class LineReader:
+    """JSON lines from a socket, with the fds that came along (SCM_RIGHTS)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+        self.fds: list[int] = []
+
+    def read(self) -> dict[str, Any] | None:
+        """The next message, or None at the end of the connection."""
+        while b"\n" not in self.buf:
+            if len(self.buf) > MAX_LINE:
+                raise ValueError("line too long")
+            fds = array.array("i")
+            data, anc, _flags, _addr = self.conn.recvmsg(
+                MAX_LINE, socket.CMSG_LEN(4 * fds.itemsize)
+            )
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            self.fds.extend(fds)
+            if not data:
+                return None
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError("a message is a JSON object")
+        return msg
+
+
+def placeholder_fd(device: ManagedDevice) -> tuple[int, str]:
+    """What a simulated device hands out instead of a VFIO fd."""
+    return os.memfd_create(f"devmig-sim:{device.id}", os.MFD_CLOEXEC), "placeholder"
+
+
+@dataclasses.dataclass
+class _Pending:
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    reply: dict[str, Any] | None = None
+
+
+class _Conn:
+    def __init__(self, hub: VmmHub, sock: socket.socket) -> None:
+        self.hub = hub
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.devices: set[str] = set()
+        self.pending: dict[int, _Pending] = {}
+        self.closed = False
+
+    def send(self, msg: dict[str, Any], fd: int = -1) -> None:
+        with self.send_lock:
+            send_line(self.sock, msg, fd)
+
+
+class VmmHub:
+    """Serves the VMM socket; a ``sessions.VmmControl`` for the manager."""
+
+    def __init__(
+        self,
+        path: str,
+        registry: DeviceRegistry,
+        *,
+        allowed_uid: int | None = None,
+        fd_for: FdFor = placeholder_fd,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+    ) -> None:
+        self.path = path
+        self.registry = registry
+        self.allowed_uid = allowed_uid
+        self.fd_for = fd_for
+        self.ack_timeout_s = ack_timeout_s
+        self._lock = threading.Lock()
+        self._by_device: dict[str, _Conn] = {}
+        self._next_id = 0
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        # Owner and group may connect; SO_PEERCRED decides who is served.
+        os.chmod(path, 0o660)
+        self._listener.listen()
+        self._stopping = False
+        threading.Thread(target=self._accept_loop, daemon=True, name="vmm-accept").start()
+
+    def close(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            conns = set(self._by_device.values())
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RDWR)
+
+    def registered(self, device_id: str) -> bool:
+        with self._lock:
+            return device_id in self._by_device
+
+    # -------------------------------------------------------------- serving
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True, name="vmm").start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = _Conn(self, sock)
+        try:
+            uid = peer_uid(sock)
+            if uid != 0 and uid != self.allowed_uid:
+                conn.send(
+                    {
+                        "op": "error",
+                        "id": 0,
+                        "reason": "PermissionDenied",
+                        "message": f"uid {uid} may not drive devices",
+                    }
+                )
+                return
+            reader = LineReader(sock)
+            while True:
+                msg = reader.read()
+                for fd in reader.fds:  # a VMM sends no fds in version 1
+                    os.close(fd)
+                reader.fds.clear()
+                if msg is None:
+                    return
+                if msg.get("v") != VERSION:
+                    conn.send(
+                        {
+                            "op": "error",
+                            "id": msg.get("id", 0),
+                            "reason": "UnsupportedVersion",
+                            "message": f"this agent speaks v{VERSION}",
+                        }
+                    )
+                    return
+                self._handle(conn, msg)
+        except (OSError, ValueError) as e:
+            log.warning("VMM connection ended: %s", e)
+        finally:
+            self._drop(conn)
+            sock.close()
+
+    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op in ("ack", "nack"):
+            with self._lock:
+                p = conn.pending.get(int(msg.get("id", -1)))
+            if p is not None:
+                p.reply = msg
+                p.done.set()
+            return
+        if op != "register":
+            conn.send(
+                {
+                    "op": "error",
+                    "id": msg.get("id", 0),
+                    "reason": "UnknownOp",
+                    "message": f"unknown op {op!r}",
+                }
+            )
+            return
+        device_id = str(msg.get("device", ""))
+        try:
+            dev = self.registry.get(device_id)
+        except UnknownDevice as e:
+            conn.send(
+                {
+                    "op": "error",
+                    "id": msg.get("id", 0),
+                    "reason": "UnknownDevice",
+                    "message": str(e),
+                }
+            )
+            return
+        with self._lock:
+            other = self._by_device.get(device_id)
+            if other is not None and other is not conn:
+                busy = True
+            else:
+                busy = False
+                self._by_device[device_id] = conn
+                conn.devices.add(device_id)
+        if busy:
+            conn.send(
+                {
+                    "op": "error",
+                    "id": msg.get("id", 0),
+                    "reason": "DeviceBusy",
+                    "message": f"another VMM registered for {device_id}",
+                }
+            )
+            return
+        fd, kind = self.fd_for(dev)
+        try:
+            conn.send(
+                {
+                    "op": "registered",
+                    "id": msg.get("id", 0),
+                    "device": device_id,
+                    "incarnation": dev.incarnation,
+                    "fd": kind,
+                },
+                fd,
+            )
+        finally:
+            os.close(fd)  # the VMM has its own duplicate now
+        log.info("VMM registered for %s", device_id)
+
+    def _drop(self, conn: _Conn) -> None:
+        with self._lock:
+            conn.closed = True
+            for d in conn.devices:
+                if self._by_device.get(d) is conn:
+                    del self._by_device[d]
+            pending = list(conn.pending.values())
+        for p in pending:
+            p.done.set()  # reply None: the VMM is gone
+
+    # ------------------------------------------------------ VmmControl
+
+    def _request(self, device_id: str, op: str, **fields: Any) -> None:
+        with self._lock:
+            conn = self._by_device.get(device_id)
+            if conn is None:
+                return  # no VMM for this device: nothing to tell
+            self._next_id += 1
+            rid = self._next_id
+            p = conn.pending[rid] = _Pending()
+        try:
+            try:
+                conn.send({"op": op, "id": rid, "device": device_id, **fields})
+            except OSError as e:
+                raise VmmError("VmmGone", f"the VMM of {device_id} is gone: {e}") from e
+            if not p.done.wait(self.ack_timeout_s):
+                raise VmmError(
+                    "VmmAckTimeout",
+                    f"the VMM of {device_id} did not acknowledge {op} "
+                    f"within {self.ack_timeout_s:g} s",
+                )
+            if p.reply is None:
+                raise VmmError("VmmGone", f"the VMM of {device_id} disconnected during {op}")
+            if p.reply.get("op") != "ack":
+                raise VmmError(
+                    str(p.reply.get("reason") or "VmmRefused"),
+                    str(p.reply.get("message") or f"the VMM refused {op}"),
+                )
+        finally:
+            with self._lock:
+                conn.pending.pop(rid, None)
+
+    def traps(self, device_id: str, on: bool) -> None:
+        self._request(device_id, "traps", on=on)
+
+    def pause(self, device_id: str) -> None:
+        self._request(device_id, "pause")
+
+    def resume(self, device_id: str) -> None:
+        self._request(device_id, "resume")

@@ -1,0 +1,235 @@
+"""The VMM contract over a real Unix socket: registration hands the VMM a
+device fd (a memfd placeholder for a simulated device), only root or the
+configured uid is served, StartPreCopy returns only after the VMM trapped
+the BARs, the VMM is paused before stop-and-copy and resumed on the target
+after the commit point, and a rollback gives passthrough back."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from vmm_standin import VmmStandIn
+
+from devmig_agent import datapath, devices, journal, vmm
+from devmig_agent.sessions import Phase, SessionError, SessionManager
+from devmig_native import MigState
+
+SID, TOKEN = "dm-v-0", "vmm-token"
+
+
+@dataclass
+class Node:
+    name: str
+    registry: devices.DeviceRegistry
+    hub: vmm.VmmHub
+    manager: SessionManager
+    data: datapath.DataPath
+
+    @property
+    def device(self) -> devices.ManagedDevice:
+        return self.registry.get(f"sim-{self.name}-0")
+
+    def standin(self, **kw: bool) -> VmmStandIn:
+        return VmmStandIn(self.hub.path, self.device.id, self.device.handle, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # Unix socket paths are limited to 108 bytes; tmp_path can exceed it.
+    d = tempfile.mkdtemp(prefix="dm-vmm-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start(name: str, state: pathlib.Path, sock_dir: str, ack_timeout_s: float = 30) -> Node:
+    reg = devices.simulated(name, devices.SimSpec(count=1, size=1 << 20, dirty=16))
+    hub = vmm.VmmHub(f"{sock_dir}/{name}/vmm.sock", reg, ack_timeout_s=ack_timeout_s)
+    j = journal.Journal(state / name)
+    j.load()
+    holder: list[SessionManager] = []
+    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
+    holder.append(SessionManager(reg, j, dp, vmm=hub))
+    return Node(name, reg, hub, holder[0], dp)
+
+
+@pytest.fixture
+def nodes(tmp_path: pathlib.Path, sock_dir: str) -> Iterator[tuple[Node, Node]]:
+    a, b = start("a", tmp_path, sock_dir), start("b", tmp_path, sock_dir)
+    yield a, b
+    for n in (a, b):
+        n.hub.close()
+        n.data.shutdown()
+
+
+def test_a_registered_vmm_holds_a_placeholder_fd_for_a_simulated_device(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, _ = nodes
+    v = a.standin()
+    try:
+        r = v.registration
+        assert (r["v"], r["op"], r["device"], r["fd"]) == (
+            1,
+            "registered",
+            "sim-a-0",
+            "placeholder",
+        )
+        assert r["incarnation"] == a.device.incarnation
+        assert os.readlink(f"/proc/self/fd/{v.fd}").startswith("/memfd:devmig-sim:sim-a-0")
+        assert a.hub.registered("sim-a-0")
+    finally:
+        v.close()
+        os.close(v.fd)
+
+
+def test_bad_registrations_get_typed_errors(nodes: tuple[Node, Node]) -> None:
+    a, _ = nodes
+    for msg, reason in (
+        ({"op": "register", "id": 1, "device": "nope"}, "UnknownDevice"),
+        ({"op": "dance", "id": 2}, "UnknownOp"),
+    ):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(a.hub.path)
+            vmm.send_line(s, msg)
+            reply = vmm.LineReader(s).read()
+            assert reply is not None and reply["reason"] == reason
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(a.hub.path)
+        s.sendall(b'{"v": 2, "op": "register", "id": 1}\n')
+        r = vmm.LineReader(s)
+        reply = r.read()
+        assert reply is not None and reply["reason"] == "UnsupportedVersion"
+        assert r.read() is None  # and closed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_a_peer_that_is_neither_root_nor_the_allowed_uid_is_refused(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, _ = nodes
+    for p in (
+        a.hub.path,
+        os.path.dirname(a.hub.path),
+        os.path.dirname(os.path.dirname(a.hub.path)),
+    ):
+        os.chmod(p, 0o777)  # let the stranger reach the SO_PEERCRED check
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a stranger (nobody) dialling the socket
+        try:
+            os.close(r)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(a.hub.path)
+                vmm.send_line(s, {"op": "register", "id": 1, "device": "sim-a-0"})
+                os.write(w, s.makefile("rb").readline())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        reply = f.read()
+    os.waitpid(pid, 0)
+    assert b'"reason":"PermissionDenied"' in reply
+    assert not a.hub.registered("sim-a-0")
+
+
+def test_the_vmm_traps_before_pre_copy_pauses_before_stop_copy_and_resumes_on_the_target(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, b = nodes
+    src, dst = a.standin(), b.standin(start_paused=True)
+    try:
+        assert src.wait_direct(10)  # the guest uses its device
+        a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        # StartPreCopy returned: the VMM had trapped; no direct access since.
+        assert src.traps_on
+        direct, _ = src.counts()
+        a.manager.stop_and_copy(SID, TOKEN, [])
+        assert src.paused
+        assert src.counts()[0] == direct
+        frozen = src.counts()
+        for snap in b.manager.watch(SID, TOKEN, 10, lambda: True):
+            if snap.phase is Phase.TRANSFERRED:
+                break
+        b.manager.resume(SID, TOKEN)
+        assert dst.paused  # the device runs; the guest waits for the commit
+        b.manager.finish(SID, TOKEN)
+        assert not dst.paused and dst.wait_direct(10)  # the guest runs on the target
+        assert src.counts() == frozen  # the source guest never ran again
+        assert [r["op"] for r in src.requests] == ["traps", "pause"]
+        assert [r["op"] for r in dst.requests] == ["resume"]
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_rollback_gives_passthrough_back_and_resumes_the_source_vmm(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, b = nodes
+    src = a.standin()
+    try:
+        a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        a.manager.stop_and_copy(SID, TOKEN, [])
+        assert src.paused
+        a.manager.abort(SID, TOKEN, "operator")
+        assert a.device.handle.state is MigState.RUNNING
+        assert not src.traps_on and not src.paused
+        assert [r["op"] for r in src.requests] == ["traps", "pause", "traps", "resume"]
+        assert src.requests[2]["on"] is False
+    finally:
+        src.close()
+
+
+def test_a_vmm_that_refuses_traps_keeps_the_device_running_untouched(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, b = nodes
+    src = a.standin(refuse_traps=True)
+    try:
+        a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        with pytest.raises(SessionError) as e:
+            a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        assert e.value.reason == "CannotUnmap"
+        assert a.device.handle.state is MigState.RUNNING
+        assert a.manager.get(SID, TOKEN).phase is Phase.PREPARED
+    finally:
+        src.close()
+
+
+def test_a_vmm_that_never_acknowledges_fails_pre_copy_after_the_timeout(
+    tmp_path: pathlib.Path, sock_dir: str
+) -> None:
+    a, b = start("a", tmp_path, sock_dir, ack_timeout_s=0.2), start("b", tmp_path, sock_dir)
+    src = a.standin(never_ack=True)
+    try:
+        a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        with pytest.raises(SessionError) as e:
+            a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        assert e.value.reason == "VmmAckTimeout"
+        assert a.device.handle.state is MigState.RUNNING
+    finally:
+        src.close()
+        for n in (a, b):
+            n.hub.close()
+            n.data.shutdown()
+
+
+def test_without_a_registered_vmm_pre_copy_does_not_wait(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+    endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+    assert a.manager.start_pre_copy(SID, TOKEN, endpoint).phase is Phase.PRE_COPY
