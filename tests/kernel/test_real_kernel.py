@@ -55,6 +55,8 @@ CHECKS = [
     "corrupt_stream_refused_target_reset",
     "truncated_stream_refused_target_reset",
     "driver_rejected_write_target_reset",
+    "kernel_loads_after_rejected_write",
+    "core_refuses_stop_after_rejected_write",
     "source_resumes_with_its_bytes",
 ]
 

@@ -272,6 +272,44 @@ static int copy_file(const char *from, const char *to)
 	return r;
 }
 
+/* The device's own payload out of a devmig stream file. */
+struct payload {
+	uint8_t buf[4096];
+	size_t len;
+};
+
+static int collect(void *ctx, const void *buf, size_t len)
+{
+	struct payload *p = ctx;
+
+	if (p->len + len > sizeof(p->buf))
+		return -ENOSPC;
+	memcpy(p->buf + p->len, buf, len);
+	p->len += len;
+	return 0;
+}
+
+static int read_payload(const char *path, struct payload *p)
+{
+	struct devmig_stream_dec *dec;
+	uint8_t buf[4096];
+	ssize_t n;
+	int fd = open(path, O_RDONLY), r;
+
+	if (fd < 0)
+		return -errno;
+	p->len = 0;
+	r = devmig_stream_dec_new(NULL, collect, p, &dec);
+	while (r == 0 && (n = read(fd, buf, sizeof(buf))) > 0)
+		r = devmig_stream_dec_feed(dec, buf, (size_t)n);
+	if (r == 0)
+		r = devmig_stream_dec_finish(dec);
+	if (dec)
+		devmig_stream_dec_free(dec);
+	close(fd);
+	return r;
+}
+
 /* Try to load `path` into the running target, which must refuse it: the
  * load fails with `want_err`, the device is reset (RUNNING, not poisoned)
  * and its UART still holds only its own marker. */
@@ -536,6 +574,73 @@ int main(int argc, char **argv)
 		else
 			refused_load(&dst, "driver_rejected_write_target_reset", bad, -EFAULT);
 	}
+
+	/* Why a rejected resuming write must be fatal, on this kernel: mtty
+	 * fails the write that completes a bad header (EFAULT) but counts its
+	 * bytes anyway, and RESUMING -> STOP then loads whatever followed.
+	 * Here the header is corrupted and the ports are the source's: the
+	 * raw kernel accepts STOP and the target's UART gives the source's
+	 * bytes. The core, given the same writes, poisons the device, refuses
+	 * STOP with EIO without asking the kernel, and a reset leaves the
+	 * target with its own marker only. */
+	{
+		static struct payload pl;
+		static const char marker[] = "T";
+		const size_t hdr = 24; /* struct mtty_data up to its ports */
+		int dfd = -1, nofd, raw1 = 0, raw2 = 0, rawstop = 0, c1 = 0, c2 = 0;
+
+		r = read_payload(stream, &pl);
+		if (r < 0 || pl.len <= hdr) {
+			check("kernel_loads_after_rejected_write", 0, "reading the saved payload: %d, %zu bytes", r,
+			      pl.len);
+			check("core_refuses_stop_after_rejected_write", 0, "%s", "no payload");
+			goto after_hazard;
+		}
+		pl.buf[0] ^= 0xff; /* mtty's magic */
+		r = devmig_vfio_mig_set_state(dst.fd, DEVMIG_STATE_STOP, &nofd);
+		if (r == 0)
+			r = devmig_vfio_mig_set_state(dst.fd, DEVMIG_STATE_RESUMING, &dfd);
+		if (r == 0 && dfd >= 0) {
+			raw1 = write(dfd, pl.buf, hdr) < 0 ? -errno : 0;
+			raw2 = write(dfd, pl.buf + hdr, pl.len - hdr) < 0 ? -errno : 0;
+			rawstop = devmig_vfio_mig_set_state(dst.fd, DEVMIG_STATE_STOP, &nofd);
+			if (rawstop == 0)
+				rawstop = devmig_vfio_mig_set_state(dst.fd, DEVMIG_STATE_RUNNING, &nofd);
+			close(dfd);
+		}
+		n = rawstop == 0 ? uart_drain(&dst, 0, got, sizeof(got)) : -1;
+		check("kernel_loads_after_rejected_write",
+		      r == 0 && raw1 == -EFAULT && raw2 == 0 && rawstop == 0 && n == (int)strlen(msg0) &&
+			      !memcmp(got, msg0, strlen(msg0)),
+		      "setup %d; header write %d (want -EFAULT), ports write %d, STOP/RUNNING %d; UART gave %d "
+		      "bytes (want the source's %zu)",
+		      r, raw1, raw2, rawstop, n, strlen(msg0));
+		/* The core's record is stale after the raw requests: refresh it. */
+		devmig_reset(dst.dev);
+		uart_drain(&dst, 1, got, sizeof(got));
+
+		r = uart_write(&dst, 0, marker, 1);
+		if (r == 0)
+			r = devmig_set_state(dst.dev, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, NULL);
+		if (r == 0) {
+			long w1 = devmig_data_write(dst.dev, pl.buf, hdr);
+			long w2 = devmig_data_write(dst.dev, pl.buf + hdr, pl.len - hdr);
+
+			c1 = devmig_set_state(dst.dev, DEVMIG_STATE_STOP, DEVMIG_STATE_ERROR, NULL);
+			ks = kstate(&dst);
+			c2 = devmig_reset(dst.dev);
+			n = uart_drain(&dst, 0, got, sizeof(got));
+			check("core_refuses_stop_after_rejected_write",
+			      w1 == -EFAULT && w2 == -EIO && c1 == -EIO && ks == DEVMIG_STATE_RESUMING && c2 == 0 &&
+				      kstate(&dst) == DEVMIG_STATE_RUNNING && n == 1 && got[0] == marker[0],
+			      "writes %ld (want -EFAULT), %ld (want -EIO: poisoned); STOP %d (want -EIO), kernel "
+			      "state then %s (want RESUMING); reset %d; UART gave %d bytes (want the marker)",
+			      w1, w2, c1, state_name(ks), c2, n);
+		} else {
+			check("core_refuses_stop_after_rejected_write", 0, "setting up: %s", strerror(-r));
+		}
+	}
+after_hazard:
 
 	/* The source, after all that, still holds its bytes: saving does not
 	 * consume the UART, and STOP -> RUNNING restarts it as it was. */
