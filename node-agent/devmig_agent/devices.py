@@ -85,6 +85,16 @@ class DeviceRegistry:
                 self._bump()
             return d
 
+    def replace(self, device: ManagedDevice) -> None:
+        """Swap in a re-opened device (same id), keeping who holds it."""
+        with self._lock:
+            old = self._devices.get(device.id)
+            if old is None:
+                raise UnknownDevice(f"no device {device.id!r} on this node")
+            device.session_id = old.session_id
+            self._devices[device.id] = device
+            self._bump()
+
     def release(self, device_id: str, session_id: str) -> None:
         with self._lock:
             d = self._devices.get(device_id)

@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("VMMs register on %s", a.vmm_socket)
         manager.append(sessions.SessionManager(registry, j, dp, vmm=hub, observer=agent_metrics))
         sessions_ = manager[0]
-        for snap in sessions_.recover(deadline_s=a.recovery_deadline):
+        # With a VMM socket, devices whose VMM kept their fd through the
+        # restart are taken back from it.
+        reacquirer = vmm.VmmReacquirer(hub, registry) if hub is not None else None
+        for snap in sessions_.recover(reacquirer, deadline_s=a.recovery_deadline):
             log.warning(
                 "session %s (%s of %s) unfinished at start: %s %s",
                 snap.session_id,

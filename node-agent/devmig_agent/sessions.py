@@ -212,7 +212,7 @@ class DeviceReacquirer(Protocol):
     on the node). ``RegistryReacquirer`` checks the registry's devices; on a
     real node a device whose every fd closed is reset by the kernel, and one
     whose VMM still holds a duplicate fd is handed back over the VMM socket
-    with the incarnation the VMM was given (``vmm.VmmHub``), so the same
+    with the incarnation the VMM was given (``vmm.VmmReacquirer``), so the same
     check applies; the device's state is then read from the device itself,
     never taken from the journal.
     """

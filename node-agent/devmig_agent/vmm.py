@@ -44,9 +44,21 @@ holds it as it would a real one, and holding it keeps nothing alive.
 Who may connect: the peer's uid (SO_PEERCRED) must be 0 or the configured
 ``allowed_uid``; others get ``error PermissionDenied`` and are closed.
 
-Not in version 1 yet: handing the fd back to a restarted agent (register
-with the incarnation it was given plus the fd), and the dirty-page pull for
-the memory migration.
+Handing the fd back: a device's state lives while some process holds its
+fd, so the VMM's duplicate outlives an agent crash. When the agent's socket
+comes back, the VMM registers again with the ``incarnation`` it was given
+and its fd attached (``"fd":"vfio"``, or ``"placeholder"`` for a simulated
+device)::
+
+    {"v":1, "op":"register", "id":1, "device":"...", "incarnation":"9f..",
+     "fd":"vfio"}                 + the VMM's device fd (SCM_RIGHTS)
+
+and is answered ``registered`` with ``"fd":"kept"`` (no new fd: it keeps
+its own). The restarted agent re-opens the device from that fd
+(``VmmReacquirer``) and reads its state from the device. A placeholder
+carries no device: a simulated device's state died with the old agent.
+
+Not in version 1 yet: the dirty-page pull for the memory migration.
 """
 
 from __future__ import annotations
@@ -61,9 +73,11 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import devmig_native
 from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
 from devmig_agent.sessions import VmmError
 
@@ -78,8 +92,14 @@ MAX_LINE = 64 * 1024
 # means stopping them: milliseconds for a healthy VMM. 10 s tells a hung
 # VMM from a busy one without holding a migration step for long.
 ACK_TIMEOUT_S = 10.0
+# How long a restarting agent waits for VMMs to hand their device fds back,
+# seconds, for all devices together: a VMM notices the agent's socket went
+# away and redials within a second or two; 15 s rides out a slow node
+# without delaying the agent's start by much.
+RECLAIM_WAIT_S = 15.0
 
 FdFor = Callable[[ManagedDevice], tuple[int, str]]
+OpenDevice = Callable[[int], devmig_native.Device]
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -175,6 +195,9 @@ class VmmHub:
         self._lock = threading.Lock()
         self._by_device: dict[str, _Conn] = {}
         self._next_id = 0
+        # Fds VMMs handed back after a restart: device -> (incarnation, kind, fd).
+        self._returned: dict[str, tuple[str, str, int]] = {}
+        self._returned_cond = threading.Condition(self._lock)
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -230,10 +253,10 @@ class VmmHub:
             reader = LineReader(sock)
             while True:
                 msg = reader.read()
-                for fd in reader.fds:  # a VMM sends no fds in version 1
-                    os.close(fd)
-                reader.fds.clear()
+                fds, reader.fds = reader.fds, []
                 if msg is None:
+                    for fd in fds:
+                        os.close(fd)
                     return
                 if msg.get("v") != VERSION:
                     conn.send(
@@ -245,14 +268,28 @@ class VmmHub:
                         }
                     )
                     return
-                self._handle(conn, msg)
+                self._handle(conn, msg, fds)
         except (OSError, ValueError) as e:
             log.warning("VMM connection ended: %s", e)
         finally:
             self._drop(conn)
             sock.close()
 
-    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
+    def _handle(self, conn: _Conn, msg: dict[str, Any], fds: list[int]) -> None:
+        # Only a re-registration may carry an fd, and only one.
+        handed_back = -1
+        if msg.get("op") == "register" and msg.get("incarnation") and fds:
+            handed_back = fds.pop(0)
+        for fd in fds:
+            os.close(fd)
+        try:
+            self._handle_message(conn, msg, handed_back)
+        except BaseException:
+            if handed_back >= 0:
+                os.close(handed_back)
+            raise
+
+    def _handle_message(self, conn: _Conn, msg: dict[str, Any], handed_back: int) -> None:
         op = msg.get("op")
         if op in ("ack", "nack"):
             with self._lock:
@@ -293,6 +330,8 @@ class VmmHub:
                 self._by_device[device_id] = conn
                 conn.devices.add(device_id)
         if busy:
+            if handed_back >= 0:
+                os.close(handed_back)
             conn.send(
                 {
                     "op": "error",
@@ -301,6 +340,31 @@ class VmmHub:
                     "message": f"another VMM registered for {device_id}",
                 }
             )
+            return
+        if handed_back >= 0:
+            with self._lock:
+                prev = self._returned.pop(device_id, None)
+                self._returned[device_id] = (
+                    str(msg["incarnation"]),
+                    str(msg.get("fd", "")),
+                    handed_back,
+                )
+                self._returned_cond.notify_all()
+            if prev is not None:
+                os.close(prev[2])
+            # The fd is the hub's now; a VMM gone before the answer changes
+            # nothing about it.
+            with contextlib.suppress(OSError):
+                conn.send(
+                    {
+                        "op": "registered",
+                        "id": msg.get("id", 0),
+                        "device": device_id,
+                        "incarnation": str(msg["incarnation"]),
+                        "fd": "kept",
+                    }
+                )
+            log.info("VMM handed %s back (incarnation %s)", device_id, msg["incarnation"])
             return
         fd, kind = self.fd_for(dev)
         try:
@@ -368,3 +432,66 @@ class VmmHub:
 
     def resume(self, device_id: str) -> None:
         self._request(device_id, "resume")
+
+    # ------------------------------------------------- after a restart
+
+    def take_back(self, device_id: str, incarnation: str, until: float) -> tuple[str, int] | None:
+        """The fd a VMM handed back for this incarnation of the device, as
+        (kind, fd); waits until ``until`` (time.monotonic) for it. The
+        caller owns the fd."""
+        with self._lock:
+            while True:
+                got = self._returned.get(device_id)
+                if got is not None and got[0] == incarnation:
+                    del self._returned[device_id]
+                    return got[1], got[2]
+                left = until - time.monotonic()
+                if left <= 0:
+                    return None
+                self._returned_cond.wait(left)
+
+
+class VmmReacquirer:
+    """``sessions.DeviceReacquirer`` for real devices: a device kept its
+    state exactly when a VMM hands back an fd of the journaled incarnation;
+    the device is re-opened from that fd (``open_device``, by default the
+    native core's ``Device.open_vfio``) and replaces the registry's entry.
+    Without a hand-back in time, the registry's own device is checked
+    (``RegistryReacquirer``: it matches only if this process opened it)."""
+
+    def __init__(
+        self,
+        hub: VmmHub,
+        registry: DeviceRegistry,
+        *,
+        open_device: OpenDevice = devmig_native.Device.open_vfio,
+        wait_s: float = RECLAIM_WAIT_S,
+    ) -> None:
+        self.hub = hub
+        self.registry = registry
+        self.open_device = open_device
+        self.until = time.monotonic() + wait_s
+
+    def reacquire(self, device_id: str, incarnation: str) -> ManagedDevice | None:
+        try:
+            current = self.registry.get(device_id)
+        except UnknownDevice:
+            return None
+        if incarnation and current.incarnation == incarnation:
+            return current
+        got = self.hub.take_back(device_id, incarnation, self.until)
+        if got is None:
+            return None
+        kind, fd = got
+        if kind != "vfio":
+            os.close(fd)  # a placeholder: nothing of the device lives in it
+            return None
+        try:
+            handle = self.open_device(fd)
+        except OSError as e:
+            os.close(fd)
+            log.error("cannot re-open %s from the VMM's fd: %s", device_id, e)
+            return None
+        dev = ManagedDevice(current.info, handle, incarnation=incarnation)
+        self.registry.replace(dev)
+        return dev

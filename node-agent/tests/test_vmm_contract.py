@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 from vmm_standin import VmmStandIn
 
+import devmig_native
 from devmig_agent import datapath, devices, journal, vmm
 from devmig_agent.sessions import Phase, SessionError, SessionManager
 from devmig_native import MigState
@@ -233,3 +234,75 @@ def test_without_a_registered_vmm_pre_copy_does_not_wait(nodes: tuple[Node, Node
     a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
     endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
     assert a.manager.start_pre_copy(SID, TOKEN, endpoint).phase is Phase.PRE_COPY
+
+
+def test_a_restarted_agent_takes_the_device_back_from_its_vmm_and_rolls_back_from_there(
+    tmp_path: pathlib.Path, sock_dir: str
+) -> None:
+    a, b = start("a", tmp_path, sock_dir), start("b", tmp_path, sock_dir)
+    src = a.standin()
+    kept = a.device  # what the VMM's fd keeps alive on a real node
+    try:
+        a.manager.prepare_source(SID, TOKEN, kept.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        # The agent dies: its pump and sockets go, the journal stays.
+        for s in list(a.manager._sessions.values()):
+            a.data.close(s)
+        a.data.shutdown()
+        a.hub.close()
+        # A new process: devices opened afresh (new incarnations), a new hub.
+        fresh = start("a", tmp_path, sock_dir)
+        assert fresh.device.incarnation != kept.incarnation
+        opened: list[int] = []
+
+        def open_device(fd: int) -> devmig_native.Device:
+            # A real node re-opens the VFIO device from the fd; the stand-in's
+            # fd is a memfd, so this hands back the device object it stands for.
+            opened.append(fd)
+            os.close(fd)
+            return kept.handle
+
+        reply = src.reattach(fresh.hub.path, "vfio")
+        assert (reply["op"], reply["fd"]) == ("registered", "kept")
+        reacquirer = vmm.VmmReacquirer(fresh.hub, fresh.registry, open_device=open_device)
+        (found,) = fresh.manager.recover(reacquirer)
+        assert opened and found.phase is Phase.PRE_COPY and found.device_state == "PRE_COPY"
+        assert fresh.device.handle is kept.handle
+        assert fresh.device.incarnation == kept.incarnation
+        # The operator rolls back: device RUNNING, the VMM untrapped.
+        fresh.manager.abort(SID, TOKEN, "operator")
+        assert kept.handle.state is MigState.RUNNING
+        assert not src.traps_on
+        fresh.hub.close()
+        fresh.data.shutdown()
+    finally:
+        src.close()
+        b.hub.close()
+        b.data.shutdown()
+
+
+def test_a_placeholder_handed_back_means_the_simulated_device_was_reset(
+    tmp_path: pathlib.Path, sock_dir: str
+) -> None:
+    a, b = start("a", tmp_path, sock_dir), start("b", tmp_path, sock_dir)
+    src = a.standin()
+    try:
+        a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+        endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+        a.manager.start_pre_copy(SID, TOKEN, endpoint)
+        for s in list(a.manager._sessions.values()):
+            a.data.close(s)
+        a.data.shutdown()
+        a.hub.close()
+        fresh = start("a", tmp_path, sock_dir)
+        src.reattach(fresh.hub.path, "placeholder")
+        reacquirer = vmm.VmmReacquirer(fresh.hub, fresh.registry, wait_s=10)
+        (found,) = fresh.manager.recover(reacquirer)
+        assert (found.phase, found.reason) == (Phase.FAILED, "DeviceReset")
+        fresh.hub.close()
+        fresh.data.shutdown()
+    finally:
+        src.close()
+        b.hub.close()
+        b.data.shutdown()

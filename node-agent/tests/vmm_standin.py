@@ -35,6 +35,7 @@ class VmmStandIn:
         self.sim = sim
         self.refuse_traps = refuse_traps
         self.never_ack = never_ack
+        self.device_id = device_id
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.reader = vmm.LineReader(self.sock)
@@ -102,6 +103,28 @@ class VmmStandIn:
             return self._want_traps
 
     # -------------------------------------------------------- the socket
+
+    def reattach(self, path: str, kind: str) -> dict[str, Any]:
+        """After the agent restarted: register again, handing the fd back
+        as ``kind``; keeps serving requests on the new connection."""
+        old = self.sock
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.reader = vmm.LineReader(self.sock)
+        msg = {
+            "op": "register",
+            "id": 2,
+            "device": self.device_id,
+            "incarnation": self.registration["incarnation"],
+            "fd": kind,
+        }
+        vmm.send_line(self.sock, msg, self.fd)
+        reply = self.reader.read() or {}
+        self._reader.join(10)  # the old connection's reader has seen its end
+        old.close()
+        self._reader = threading.Thread(target=self._read, daemon=True, name="vmm-reader")
+        self._reader.start()
+        return reply
 
     def _read(self) -> None:
         while True:
