@@ -48,13 +48,7 @@ def test_a_migration_succeeds_with_only_the_charts_permissions(
             processes.wait_inventories(kube, agents)
             objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
             objects.create_dm(kube, namespace, "m", "vm", policy={"downtimeLimitMs": 2000})
-            dm = objects.wait_dm(
-                kube,
-                namespace,
-                "m",
-                lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-                timeout_s=120,
-            )
+            dm = objects.wait_dm_final(kube, namespace, "m")
             # kopf posts Events asynchronously: they arrive shortly after.
             objects.eventually(
                 lambda: next(

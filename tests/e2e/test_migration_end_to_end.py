@@ -21,19 +21,14 @@ from devmig_testbed.pytest_plugin import OperatorProcess
 def two_nodes(
     control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
 ) -> Iterator[None]:
-    for n in ("node-a", "node-b"):
-        objects.create_node(kube, n)
-    cfg = control_plane.admin_kubeconfig
-    agents = [
-        processes.start_agent(cfg, "node-a", tmp_path, holders={0: f"{namespace}/vm"}),
-        processes.start_agent(cfg, "node-b", tmp_path),
-    ]
-    try:
-        processes.wait_inventories(kube, agents)
+    with processes.two_nodes(
+        kube,
+        control_plane.admin_kubeconfig,
+        tmp_path,
+        "count=1,size=8MiB,dirty=16",
+        {0: f"{namespace}/vm"},
+    ):
         yield
-    finally:
-        for a in agents:
-            print(a.stop())
 
 
 def test_a_device_migration_runs_to_success_with_real_agents(
@@ -41,13 +36,7 @@ def test_a_device_migration_runs_to_success_with_real_agents(
 ) -> None:
     objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
     objects.create_dm(kube, namespace, "move", "vm", policy={"downtimeLimitMs": 2000})
-    dm = objects.wait_dm(
-        kube,
-        namespace,
-        "move",
-        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-        timeout_s=120,
-    )
+    dm = objects.wait_dm_final(kube, namespace, "move")
     st = dm["status"]
     assert st["phase"] == "Succeeded", st
     assert [t["phase"] for t in st["phaseTransitions"]] == [
@@ -75,21 +64,11 @@ def test_a_device_migration_runs_to_success_with_real_agents(
 def two_devices_each(
     control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
 ) -> Iterator[None]:
-    for n in ("node-a", "node-b"):
-        objects.create_node(kube, n)
-    cfg = control_plane.admin_kubeconfig
-    sim = "count=2,size=4MiB,dirty=16"
     vm = f"{namespace}/vm2"
-    agents = [
-        processes.start_agent(cfg, "node-a", tmp_path, sim, {0: vm, 1: vm}),
-        processes.start_agent(cfg, "node-b", tmp_path, sim),
-    ]
-    try:
-        processes.wait_inventories(kube, agents)
+    with processes.two_nodes(
+        kube, control_plane.admin_kubeconfig, tmp_path, "count=2,size=4MiB,dirty=16", {0: vm, 1: vm}
+    ):
         yield
-    finally:
-        for a in agents:
-            print(a.stop())
 
 
 def test_a_vm_with_two_devices_moves_both_to_one_node_together(
@@ -97,13 +76,7 @@ def test_a_vm_with_two_devices_moves_both_to_one_node_together(
 ) -> None:
     objects.create_vmi(kube, namespace, "vm2", "node-a", devices=["devmig.io/sim", "devmig.io/sim"])
     objects.create_dm(kube, namespace, "move2", "vm2", policy={"downtimeLimitMs": 2000})
-    dm = objects.wait_dm(
-        kube,
-        namespace,
-        "move2",
-        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-        timeout_s=120,
-    )
+    dm = objects.wait_dm_final(kube, namespace, "move2")
     st = dm["status"]
     assert st["phase"] == "Succeeded", st
     pairs = {(d["sourceDevice"], d["targetDevice"]) for d in st["devices"]}
@@ -119,12 +92,6 @@ def test_a_vmi_with_host_devices_migrates_through_an_explicit_device_migration(
     # not live-migratable); an explicit DeviceMigration moves its device.
     objects.create_vmi(kube, namespace, "vm", "node-a", host_devices=["devmig.io/sim"])
     objects.create_dm(kube, namespace, "hd", "vm", policy={"downtimeLimitMs": 2000})
-    dm = objects.wait_dm(
-        kube,
-        namespace,
-        "hd",
-        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-        timeout_s=120,
-    )
+    dm = objects.wait_dm_final(kube, namespace, "hd")
     assert dm["status"]["phase"] == "Succeeded", dm["status"]
     assert dm["status"]["devices"][0]["targetDevice"] == "sim-node-b-0"

@@ -18,23 +18,17 @@ from devmig_testbed.controlplane import ControlPlane
 def nodes(
     control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
 ) -> Iterator[None]:
-    for n in ("node-a", "node-b"):
-        objects.create_node(kube, n)
-    cfg = control_plane.admin_kubeconfig
     # 32 MiB of device state and a dirtying workload, sent at a capped
     # 8 MiB/s (below): pre-copy lasts seconds, long enough to kill the
     # operator in the middle of it.
-    sim = "count=1,size=32MiB,dirty=64"
-    agents = [
-        processes.start_agent(cfg, "node-a", tmp_path, sim, {0: f"{namespace}/vm"}),
-        processes.start_agent(cfg, "node-b", tmp_path, sim),
-    ]
-    try:
-        processes.wait_inventories(kube, agents)
+    with processes.two_nodes(
+        kube,
+        control_plane.admin_kubeconfig,
+        tmp_path,
+        "count=1,size=32MiB,dirty=64",
+        {0: f"{namespace}/vm"},
+    ):
         yield
-    finally:
-        for a in agents:
-            print(a.stop())
 
 
 def test_a_migration_survives_the_operator_dying_during_pre_copy(
@@ -51,13 +45,7 @@ def test_a_migration_survives_the_operator_dying_during_pre_copy(
     first.wait(timeout=20)
     second = processes.start_operator(cfg, namespace, controlplane.free_port(), namespace)
     try:
-        dm = objects.wait_dm(
-            kube,
-            namespace,
-            "m",
-            lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-            timeout_s=120,
-        )
+        dm = objects.wait_dm_final(kube, namespace, "m")
     finally:
         second.terminate()
         out, _ = second.communicate(timeout=20)

@@ -23,22 +23,16 @@ from devmig_testbed.pytest_plugin import OperatorProcess
 def agents(
     control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: pathlib.Path
 ) -> Iterator[list[processes.AgentProcess]]:
-    for n in ("node-a", "node-b"):
-        objects.create_node(kube, n)
-    cfg = control_plane.admin_kubeconfig
     # A device that dirties 4096 pages (16 MiB) for every MiB sent: pre-copy
     # can never catch up.
-    sim = "count=1,size=8MiB,dirty=4096"
-    started = [
-        processes.start_agent(cfg, "node-a", tmp_path, sim, {0: f"{namespace}/vm"}),
-        processes.start_agent(cfg, "node-b", tmp_path, sim),
-    ]
-    try:
-        processes.wait_inventories(kube, started)
+    with processes.two_nodes(
+        kube,
+        control_plane.admin_kubeconfig,
+        tmp_path,
+        "count=1,size=8MiB,dirty=4096",
+        {0: f"{namespace}/vm"},
+    ) as started:
         yield started
-    finally:
-        for a in started:
-            print(a.stop())
 
 
 def _devices(endpoint: str) -> list[pb.Device]:
@@ -61,13 +55,7 @@ def test_a_migration_that_cannot_converge_is_aborted_and_rolled_back(
         "vm",
         policy={"downtimeLimitMs": 1, "maxPreCopyIterations": 3, "bandwidthMiBps": 16},
     )
-    dm = objects.wait_dm(
-        kube,
-        namespace,
-        "m",
-        lambda o: o.get("status", {}).get("phase") in ("Succeeded", "Failed", "Aborted"),
-        timeout_s=120,
-    )
+    dm = objects.wait_dm_final(kube, namespace, "m")
     st = dm["status"]
     assert st["phase"] == "Failed", st
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")

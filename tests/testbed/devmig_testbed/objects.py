@@ -209,3 +209,17 @@ def eventually(fn: Callable[[], Any], timeout_s: float = 15, what: str = "") -> 
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what or fn} did not succeed within {timeout_s} s") from e
         time.sleep(0.05)
+
+
+FINAL_PHASES = ("Succeeded", "Failed", "Aborted")
+
+
+def wait_dm_final(api: Any, namespace: str, name: str, timeout_s: float = 120) -> dict[str, Any]:
+    """Watch a DeviceMigration until it reaches a final phase."""
+    return wait_dm(
+        api,
+        namespace,
+        name,
+        lambda o: o.get("status", {}).get("phase") in FINAL_PHASES,
+        timeout_s=timeout_s,
+    )

@@ -3,12 +3,14 @@ simulated devices and the operator, against a control plane."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from kubernetes import client, watch
@@ -108,3 +110,31 @@ def start_operator(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def two_nodes(
+    api: Any,
+    kubeconfig: pathlib.Path,
+    state_dir: pathlib.Path,
+    sim: str,
+    source_holders: dict[int, str],
+) -> Iterator[list[AgentProcess]]:
+    """Nodes node-a and node-b, each with an agent serving simulated devices
+    (``sim``); ``source_holders`` says which VMI holds which of node-a's
+    devices. Waits until both inventories are published; stops the agents
+    at the end and prints their logs."""
+    from devmig_testbed import objects
+
+    for n in ("node-a", "node-b"):
+        objects.create_node(api, n)
+    agents = [
+        start_agent(kubeconfig, "node-a", state_dir, sim, source_holders),
+        start_agent(kubeconfig, "node-b", state_dir, sim),
+    ]
+    try:
+        wait_inventories(api, agents)
+        yield agents
+    finally:
+        for a in agents:
+            print(a.stop())
