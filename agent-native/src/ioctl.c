@@ -237,9 +237,14 @@ int devmig_vfio_mig_get_state(int fd, uint32_t *state)
 int devmig_vfio_mig_set_state(int fd, uint32_t state, int *data_fd)
 {
 	struct devmig_vfio_device_feature_mig_state m = { .device_state = state, .data_fd = -1 };
-	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | DEVMIG_VFIO_DEVICE_FEATURE_SET,
-			&m, sizeof(m));
+	int r;
 
+	/* The kernel may hand back a new data fd on any arc; without a place to
+	 * put it, it would leak (and its session with it). */
+	if (!data_fd)
+		return -EINVAL;
+	r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | DEVMIG_VFIO_DEVICE_FEATURE_SET,
+		    &m, sizeof(m));
 	*data_fd = r == 0 ? m.data_fd : -1;
 	return r;
 }

@@ -240,6 +240,12 @@ int main(void)
 	fake_fd = memfd_create("fake-vfio-device", MFD_CLOEXEC);
 	CHECK(fake_fd >= 0);
 
+	/* No place for a data fd the kernel may return: refused before any
+	 * ioctl (calls stays as it was). */
+	calls = ioctl_calls;
+	CHECK(devmig_vfio_mig_set_state(fake_fd, DEVMIG_STATE_RUNNING, NULL) == -EINVAL);
+	CHECK(ioctl_calls == calls);
+
 	/* Region info: the two-call pattern reads the whole chain. */
 	CHECK(devmig_vfio_get_region_info(fake_fd, 0, &ri) == 0);
 	CHECK(ri.size == 65536 && ri.offset == 0);
