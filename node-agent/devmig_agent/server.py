@@ -7,15 +7,18 @@ codes whose details begin with a CamelCase reason ("UnknownSession: ...").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 
 import devmig_agent
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
-from devmig_agent.devices import DeviceRegistry, ManagedDevice
+from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
 from devmig_agent.sessions import Code, Role, SessionError, SessionManager, Snapshot
+
+T = TypeVar("T")
 
 # API versions this agent serves, newest first.
 API_VERSIONS = ("v1alpha1",)
@@ -121,6 +124,15 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         assert self.sessions is not None
         return self.sessions
 
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[SessionManager], T]) -> T:
+        """Run one session verb; a SessionError leaves as its gRPC status."""
+        m = self._sessions(context)
+        try:
+            return fn(m)
+        except SessionError as e:
+            _abort(context, e)
+            raise  # context.abort raised already; this line is not reached
+
     def GetVersion(
         self, request: agent_pb2.GetVersionRequest, context: grpc.ServicerContext
     ) -> agent_pb2.GetVersionResponse:
@@ -164,16 +176,15 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def PrepareSource(
         self, request: agent_pb2.PrepareSourceRequest, context: grpc.ServicerContext
     ) -> agent_pb2.PrepareSourceResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.prepare_source(
+        snap = self._call(
+            context,
+            lambda m: m.prepare_source(
                 request.session.session_id,
                 request.session.token,
                 request.device_id,
                 request.bandwidth_bytes_per_second,
-            )
-        except SessionError as e:
-            _abort(context, e)
+            ),
+        )
         return agent_pb2.PrepareSourceResponse(
             status=status_message(snap),
             descriptor=device_message(self.registry.get(request.device_id)),
@@ -182,12 +193,11 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def PrepareTarget(
         self, request: agent_pb2.PrepareTargetRequest, context: grpc.ServicerContext
     ) -> agent_pb2.PrepareTargetResponse:
-        m = self._sessions(context)
         if request.HasField("source_descriptor"):
             try:
                 mine = self.registry.get(request.device_id).info
-            except Exception:
-                mine = None
+            except UnknownDevice:
+                mine = None  # prepare_target answers NOT_FOUND below
             src = request.source_descriptor
             if mine is not None and (
                 (src.vendor_id, src.device_id, src.driver, src.driver_version, src.mdev_type)
@@ -204,12 +214,12 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                     f"IncompatibleDevice: {request.device_id} does not match the source "
                     f"({src.vendor_id:04x}:{src.device_id:04x} {src.driver} {src.driver_version})",
                 )
-        try:
-            snap = m.prepare_target(
+        snap = self._call(
+            context,
+            lambda m: m.prepare_target(
                 request.session.session_id, request.session.token, request.device_id
-            )
-        except SessionError as e:
-            _abort(context, e)
+            ),
+        )
         return agent_pb2.PrepareTargetResponse(
             status=status_message(snap), data_endpoint=snap.data_endpoint
         )
@@ -217,57 +227,50 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def StartPreCopy(
         self, request: agent_pb2.StartPreCopyRequest, context: grpc.ServicerContext
     ) -> agent_pb2.StartPreCopyResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.start_pre_copy(
+        snap = self._call(
+            context,
+            lambda m: m.start_pre_copy(
                 request.session.session_id, request.session.token, request.target_data_endpoint
-            )
-        except SessionError as e:
-            _abort(context, e)
+            ),
+        )
         return agent_pb2.StartPreCopyResponse(status=status_message(snap))
 
     def StopAndCopy(
         self, request: agent_pb2.StopAndCopyRequest, context: grpc.ServicerContext
     ) -> agent_pb2.StopAndCopyResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.stop_and_copy(
+        snap = self._call(
+            context,
+            lambda m: m.stop_and_copy(
                 request.session.session_id,
                 request.session.token,
                 [(r.session_id, r.token) for r in request.vm_sessions],
-            )
-        except SessionError as e:
-            _abort(context, e)
+            ),
+        )
         return agent_pb2.StopAndCopyResponse(status=status_message(snap))
 
     def Resume(
         self, request: agent_pb2.ResumeRequest, context: grpc.ServicerContext
     ) -> agent_pb2.ResumeResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.resume(request.session.session_id, request.session.token)
-        except SessionError as e:
-            _abort(context, e)
+        snap = self._call(
+            context, lambda m: m.resume(request.session.session_id, request.session.token)
+        )
         return agent_pb2.ResumeResponse(status=status_message(snap))
 
     def FinishSession(
         self, request: agent_pb2.FinishSessionRequest, context: grpc.ServicerContext
     ) -> agent_pb2.FinishSessionResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.finish(request.session.session_id, request.session.token)
-        except SessionError as e:
-            _abort(context, e)
+        snap = self._call(
+            context, lambda m: m.finish(request.session.session_id, request.session.token)
+        )
         return agent_pb2.FinishSessionResponse(status=status_message(snap))
 
     def Abort(
         self, request: agent_pb2.AbortRequest, context: grpc.ServicerContext
     ) -> agent_pb2.AbortResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.abort(request.session.session_id, request.session.token, request.reason)
-        except SessionError as e:
-            _abort(context, e)
+        snap = self._call(
+            context,
+            lambda m: m.abort(request.session.session_id, request.session.token, request.reason),
+        )
         if snap is None:
             return agent_pb2.AbortResponse()
         return agent_pb2.AbortResponse(status=status_message(snap))
@@ -275,11 +278,9 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def GetSession(
         self, request: agent_pb2.GetSessionRequest, context: grpc.ServicerContext
     ) -> agent_pb2.GetSessionResponse:
-        m = self._sessions(context)
-        try:
-            snap = m.get(request.session.session_id, request.session.token)
-        except SessionError as e:
-            _abort(context, e)
+        snap = self._call(
+            context, lambda m: m.get(request.session.session_id, request.session.token)
+        )
         return agent_pb2.GetSessionResponse(status=status_message(snap))
 
     def WatchSession(
