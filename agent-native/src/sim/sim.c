@@ -261,6 +261,16 @@ static int open_session(struct sim *s, enum sess kind, int *user_fd)
 	s->read_seen = 0;
 	s->dirty_frac = 0;
 	s->hdr_checked = false;
+	/* A resuming device sets its buffers up before the data arrives, as
+	 * drivers do when they enter RESUMING: reserve the whole state now
+	 * (pages allocated and zeroed here, outside the stop-and-copy window)
+	 * rather than one page at a time under the incoming stream. Only a
+	 * reservation (KEEP_SIZE): the stream's length stays what was
+	 * written. Failure is harmless; writes then allocate as they go. */
+	if (kind == SESS_RESUME &&
+	    fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)(HDR_LEN + s->npages * REC_LEN + END_LEN)) < 0) {
+		/* no reservation: shmem without fallocate support */
+	}
 	return 0;
 }
 
