@@ -28,6 +28,13 @@ __all__ = [
     "SimDevice",
     "SimStats",
     "StreamError",
+    "bitmap_count",
+    "bitmap_decode",
+    "bitmap_encode",
+    "bitmap_encode_bound",
+    "bitmap_encode_into",
+    "bitmap_or",
+    "bitmap_ranges",
     "crc32c",
     "crypto_impls",
     "fsm_path",
@@ -98,6 +105,56 @@ def crc32c(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) 
 def sha256(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> bytes:
     """SHA-256 of ``data`` as the stream's trailer computes it; as crc32c."""
     return bytes(_native.sha256(data, int(impl)))
+
+
+# Dirty-page bitmaps (include/devmig/bitmap.h): little-endian 64-bit words,
+# bit i standing for page i, as the kernel reports them.
+Bitmap = bytes | bytearray | memoryview
+
+
+def bitmap_count(bitmap: Bitmap, npages: int) -> int:
+    """Dirty pages among the first ``npages``."""
+    return int(_native.bitmap_count(bitmap, npages))
+
+
+def bitmap_ranges(bitmap: Bitmap, npages: int) -> list[tuple[int, int]]:
+    """The runs of dirty pages, in order, as (first_page, count)."""
+    return _native.bitmap_ranges(bitmap, npages)
+
+
+def bitmap_or(dst: bytearray | memoryview, src: Bitmap) -> None:
+    """Merge ``src`` into ``dst`` (same length, whole 64-bit words)."""
+    _native.bitmap_or(dst, src)
+
+
+def bitmap_encode(bitmap: Bitmap, npages: int, page_size: int = 4096) -> bytes:
+    """devmig's compact, versioned encoding (DMDB v1) of a dirty bitmap.
+    ValueError for a bad page size or a bit set at or beyond ``npages``."""
+    return _native.bitmap_encode(bitmap, npages, page_size)
+
+
+def bitmap_encode_bound(npages: int) -> int:
+    """The largest encoding of any bitmap of ``npages``: a buffer this big
+    always suffices for bitmap_encode_into."""
+    return int(_native.bitmap_encode_bound(npages))
+
+
+def bitmap_encode_into(
+    bitmap: Bitmap, npages: int, out: bytearray | memoryview, page_size: int = 4096
+) -> int:
+    """bitmap_encode into a caller's buffer (reused across reports, no
+    allocation); returns the encoded length. ValueError when ``out`` is
+    short (bitmap_encode_bound always suffices)."""
+    return int(_native.bitmap_encode_into(bitmap, npages, out, page_size))
+
+
+def bitmap_decode(
+    data: Bitmap, into: bytearray | memoryview | None = None
+) -> tuple[int, int, bytearray | memoryview]:
+    """(npages, page_size, bitmap) of an encoding, OR-ing its pages into
+    ``into`` when given (merging several reports) or into a new zeroed
+    bitmap. ValueError for anything malformed, with ``into`` untouched."""
+    return _native.bitmap_decode(data, into)
 
 
 def crypto_impls() -> str:

@@ -14,6 +14,7 @@
 #include "devmig/sim.h"
 #include "devmig/pump.h"
 #include "devmig/stream.h"
+#include "_native_bitmap.h"
 
 static PyObject *DevmigError;
 static PyObject *StreamError;
@@ -885,7 +886,8 @@ PyMODINIT_FUNC PyInit__native(void)
 	if (!DevmigError || !StreamError || PyModule_AddObjectRef(m, "DevmigError", DevmigError) < 0 ||
 	    PyModule_AddObjectRef(m, "StreamError", StreamError) < 0 ||
 	    PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0 ||
-	    PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0) {
+	    PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
+	    PyModule_AddFunctions(m, devmig_py_bitmap_methods) < 0) {
 		Py_DECREF(m);
 		return NULL;
 	}

@@ -1,0 +1,127 @@
+"""Dirty-page bitmaps through the binding: ranges and counts equal a plain
+Python reading of the bits, encodings round-trip, merge by OR, and every
+corruption of an encoding is either refused or decodes to a valid bitmap
+without touching memory it should not."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import devmig_native as dn
+
+BLOCK = 32768  # DEVMIG_BITMAP_BLOCK_PAGES
+
+
+def bitmap_of(pages: set[int], npages: int) -> bytearray:
+    bm = bytearray((npages + 63) // 64 * 8)
+    for p in pages:
+        bm[p // 8] |= 1 << (p % 8)
+    return bm
+
+
+def runs_of(pages: set[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for p in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+page_sets = st.integers(min_value=0, max_value=3 * BLOCK + 77).flatmap(
+    lambda n: st.tuples(
+        st.just(n),
+        st.sets(st.integers(min_value=0, max_value=max(n - 1, 0)), max_size=400)
+        if n
+        else st.just(set[int]()),
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(page_sets)
+def test_ranges_and_count_equal_the_bits(case: tuple[int, set[int]]) -> None:
+    npages, pages = case
+    bm = bitmap_of(pages, npages)
+    assert dn.bitmap_ranges(bm, npages) == runs_of(pages)
+    assert dn.bitmap_count(bm, npages) == len(pages)
+
+
+@settings(max_examples=150, deadline=None)
+@given(page_sets, st.sampled_from([512, 2048, 4096, 1 << 21]))
+def test_an_encoding_decodes_to_the_same_bitmap(case: tuple[int, set[int]], page_size: int) -> None:
+    npages, pages = case
+    bm = bitmap_of(pages, npages)
+    enc = dn.bitmap_encode(bm, npages, page_size)
+    assert len(enc) <= 32 + ((npages + BLOCK - 1) // BLOCK) * (11 + 4096)
+    n, ps, back = dn.bitmap_decode(enc)
+    assert (n, ps) == (npages, page_size)
+    assert bytes(back) == bytes(bm)
+
+
+def test_decoding_several_reports_merges_them() -> None:
+    npages = 2 * BLOCK
+    a, b = {1, 2, 3, BLOCK + 5}, {3, 4, 70000 % npages}
+    into = bytearray((npages + 63) // 64 * 8)
+    dn.bitmap_decode(dn.bitmap_encode(bitmap_of(a, npages), npages), into)
+    dn.bitmap_decode(dn.bitmap_encode(bitmap_of(b, npages), npages), into)
+    assert dn.bitmap_ranges(into, npages) == runs_of(a | b)
+    merged = bitmap_of(a, npages)
+    dn.bitmap_or(merged, bitmap_of(b, npages))
+    assert merged == into
+
+
+def test_a_sparse_bitmap_encodes_to_a_few_bytes_per_run() -> None:
+    npages = 1 << 20  # a 4 GiB guest at 4 KiB pages: 128 KiB of bitmap
+    rnd = random.Random(7)
+    pages = {rnd.randrange(npages) for _ in range(1000)}
+    enc = dn.bitmap_encode(bitmap_of(pages, npages), npages)
+    assert len(enc) < 32 + 6 * len(runs_of(pages)) + 3 * (npages // BLOCK) * 4
+    assert len(enc) < (npages // 8) // 20
+
+
+def test_the_encoder_refuses_a_bit_beyond_the_page_count() -> None:
+    bm = bitmap_of({70}, 128)
+    with pytest.raises(ValueError, match="beyond the page count"):
+        dn.bitmap_encode(bm, 70)
+    with pytest.raises(ValueError):
+        dn.bitmap_encode(bm, 128, 1000)
+
+
+def test_the_decoder_refuses_a_bitmap_too_small_and_leaves_it_untouched() -> None:
+    enc = dn.bitmap_encode(bitmap_of({1, 200}, 256), 256)
+    small = bytearray(8)
+    with pytest.raises(ValueError, match="too small"):
+        dn.bitmap_decode(enc, small)
+    assert small == bytearray(8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_corrupted_encoding_is_refused_or_decodes_within_bounds(data: st.DataObject) -> None:
+    npages = data.draw(st.integers(min_value=1, max_value=2 * BLOCK + 10))
+    pages = data.draw(st.sets(st.integers(min_value=0, max_value=npages - 1), max_size=60))
+    enc = bytearray(dn.bitmap_encode(bitmap_of(pages, npages), npages))
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        at = data.draw(st.integers(min_value=0, max_value=len(enc) - 1))
+        enc[at] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(enc)))
+    try:
+        n, _, back = dn.bitmap_decode(bytes(enc[:cut]))
+    except ValueError:
+        return
+    # Accepted: then it is a well-formed bitmap of its own page count.
+    assert len(back) == (n + 63) // 64 * 8
+    assert dn.bitmap_count(back, n) == sum(c for _, c in dn.bitmap_ranges(back, n))
+
+
+def test_a_header_asking_for_a_huge_bitmap_is_refused_before_allocating() -> None:
+    enc = bytearray(dn.bitmap_encode(bitmap_of(set(), 64), 64))
+    enc[16:24] = (1 << 40).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="more than the 2"):
+        dn.bitmap_decode(bytes(enc))
