@@ -7,7 +7,9 @@
  * header can be included beside <linux/vfio.h> without a clash.
  *
  * Layouts are the kernel's exactly: the structs are passed to ioctl() as is.
- * tests/c/test_vfio_uapi.c pins every size, offset and ioctl number.
+ * tests/c/test_vfio_uapi.c pins every size, offset and ioctl number, and
+ * tests/test_native_uapi_612.py checks every definition here against the
+ * Linux 6.12 header (Debian's linux-source-6.12).
  */
 #ifndef DEVMIG_VFIO_UAPI_H
 #define DEVMIG_VFIO_UAPI_H
