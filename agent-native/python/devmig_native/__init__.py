@@ -21,6 +21,7 @@ __all__ = [
     "ChecksumImpl",
     "Device",
     "DevmigError",
+    "FdKind",
     "MigFlags",
     "MigState",
     "Pump",
@@ -38,6 +39,8 @@ __all__ = [
     "crc32c",
     "crypto_impls",
     "fsm_path",
+    "recv_fd",
+    "send_fd",
     "sha256",
     "version",
 ]
@@ -105,6 +108,34 @@ def crc32c(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) 
 def sha256(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> bytes:
     """SHA-256 of ``data`` as the stream's trailer computes it; as crc32c."""
     return bytes(_native.sha256(data, int(impl)))
+
+
+class FdKind(enum.IntEnum):
+    """What a handed-over fd is (C enum devmig_fd_kind)."""
+
+    UNSPECIFIED = 0
+    VFIO_DEVICE = 1
+    DATA = 2
+    EVENTFD = 3
+
+
+def send_fd(sock: int, fd: int, kind: FdKind, name: str) -> None:
+    """Hand a duplicate of ``fd`` to the process at the other end of the
+    Unix socket ``sock`` (SCM_RIGHTS, devmig's DMFD v1 message); the caller
+    keeps ``fd``. OSError(EPIPE) when the peer is gone."""
+    _native.send_fd(sock, fd, int(kind), name)
+
+
+def recv_fd(sock: int) -> tuple[int, FdKind, str] | None:
+    """Receive one handed-over fd: (fd, kind, name), the fd close-on-exec
+    and owned by the caller; None when the peer closed first. OSError
+    (EPROTO, EPROTONOSUPPORT, ECONNRESET) for a malformed or cut message,
+    with every fd that came along closed."""
+    got = _native.recv_fd(sock)
+    if got is None:
+        return None
+    fd, kind, name = got
+    return fd, FdKind(kind), name
 
 
 # Dirty-page bitmaps (include/devmig/bitmap.h): little-endian 64-bit words,

@@ -15,6 +15,7 @@
 #include "devmig/pump.h"
 #include "devmig/stream.h"
 #include "_native_bitmap.h"
+#include "_native_fdpass.h"
 
 static PyObject *DevmigError;
 static PyObject *StreamError;
@@ -887,7 +888,8 @@ PyMODINIT_FUNC PyInit__native(void)
 	    PyModule_AddObjectRef(m, "StreamError", StreamError) < 0 ||
 	    PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) < 0 ||
 	    PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
-	    PyModule_AddFunctions(m, devmig_py_bitmap_methods) < 0) {
+	    PyModule_AddFunctions(m, devmig_py_bitmap_methods) < 0 ||
+	    PyModule_AddFunctions(m, devmig_py_fdpass_methods) < 0) {
 		Py_DECREF(m);
 		return NULL;
 	}
