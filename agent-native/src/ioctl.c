@@ -271,3 +271,87 @@ int devmig_vfio_precopy_info(int data_fd, uint64_t *initial_bytes, uint64_t *dir
 	*dirty_bytes = pi.dirty_bytes;
 	return 0;
 }
+
+/* ---- containers and groups (type1), device cdevs and iommufd ---- */
+
+/* These pass a plain integer, not a pointer, as the ioctl argument. */
+static int xioctl_int(int fd, unsigned long req, unsigned long arg)
+{
+	int r;
+
+	do
+		r = ioctl(fd, req, arg);
+	while (r < 0 && errno == EINTR);
+	return r < 0 ? -errno : r;
+}
+
+int devmig_vfio_get_api_version(int container_fd)
+{
+	return xioctl_int(container_fd, DEVMIG_VFIO_GET_API_VERSION, 0);
+}
+
+int devmig_vfio_check_extension(int container_fd, uint32_t ext)
+{
+	return xioctl_int(container_fd, DEVMIG_VFIO_CHECK_EXTENSION, ext);
+}
+
+int devmig_vfio_set_iommu(int container_fd, uint32_t type)
+{
+	return xioctl_int(container_fd, DEVMIG_VFIO_SET_IOMMU, type);
+}
+
+int devmig_vfio_group_get_status(int group_fd, uint32_t *flags)
+{
+	struct devmig_vfio_group_status st = { .argsz = sizeof(st) };
+	int r = xioctl(group_fd, DEVMIG_VFIO_GROUP_GET_STATUS, &st);
+
+	if (r >= 0)
+		*flags = st.flags;
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_group_set_container(int group_fd, int container_fd)
+{
+	/* The argument points at the container fd. */
+	int r = xioctl(group_fd, DEVMIG_VFIO_GROUP_SET_CONTAINER, &container_fd);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_device_bind_iommufd(int device_fd, int iommufd, uint32_t *devid)
+{
+	struct devmig_vfio_device_bind_iommufd b = { .argsz = sizeof(b), .iommufd = iommufd };
+	int r = xioctl(device_fd, DEVMIG_VFIO_DEVICE_BIND_IOMMUFD, &b);
+
+	if (r >= 0 && devid)
+		*devid = b.out_devid;
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_device_attach_pt(int device_fd, uint32_t *pt_id)
+{
+	struct devmig_vfio_device_attach_iommufd_pt a = { .argsz = sizeof(a), .pt_id = *pt_id };
+	int r = xioctl(device_fd, DEVMIG_VFIO_DEVICE_ATTACH_IOMMUFD_PT, &a);
+
+	if (r >= 0)
+		*pt_id = a.pt_id;
+	return r < 0 ? r : 0;
+}
+
+int devmig_iommu_ioas_alloc(int iommufd, uint32_t *ioas_id)
+{
+	struct devmig_iommu_ioas_alloc a = { .size = sizeof(a) };
+	int r = xioctl(iommufd, DEVMIG_IOMMU_IOAS_ALLOC, &a);
+
+	if (r >= 0)
+		*ioas_id = a.out_ioas_id;
+	return r < 0 ? r : 0;
+}
+
+int devmig_iommu_destroy(int iommufd, uint32_t id)
+{
+	struct devmig_iommu_destroy d = { .size = sizeof(d), .id = id };
+	int r = xioctl(iommufd, DEVMIG_IOMMU_DESTROY, &d);
+
+	return r < 0 ? r : 0;
+}

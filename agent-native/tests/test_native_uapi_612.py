@@ -28,36 +28,41 @@ import pytest
 
 NATIVE = pathlib.Path(__file__).resolve().parents[1]
 OURS = NATIVE / "include" / "devmig" / "vfio_uapi.h"
+# Each of our uAPI headers and the kernel header it mirrors.
+PAIRS = {"vfio_uapi.h": "vfio.h", "iommufd_uapi.h": "iommufd.h"}
 _XDG = os.environ.get("XDG_CACHE_HOME")
 CACHE = (pathlib.Path(_XDG) if _XDG else pathlib.Path.home() / ".cache") / "devmig"
 TARBALL = pathlib.Path("/usr/src/linux-source-6.12.tar.xz")
-MEMBER = "linux-source-6.12/include/uapi/linux/vfio.h"
+MEMBER = "linux-source-6.12/include/uapi/linux/{}"
 
 
 def _kernel_uapi_dir() -> pathlib.Path:
-    """A directory holding only linux/vfio.h from 6.12; everything it
-    includes (linux/types.h, linux/ioctl.h) comes from the system's
-    exported headers, as for any userspace build."""
+    """A directory holding only linux/vfio.h and linux/iommufd.h from 6.12;
+    everything they include (linux/types.h, linux/ioctl.h) comes from the
+    system's exported headers, as for any userspace build."""
     out = CACHE / "uapi-6.12"
-    dest = out / "linux" / "vfio.h"
-    if dest.exists():
+    missing = [h for h in PAIRS.values() if not (out / "linux" / h).exists()]
+    if not missing:
         return out
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    unpacked = sorted(glob.glob(str(CACHE / "kernel" / "src-6.12*" / MEMBER)))
-    if unpacked:
-        shutil.copyfile(unpacked[-1], tmp)
-    elif TARBALL.exists():
-        with tarfile.open(TARBALL, "r:xz") as tar:
-            f = tar.extractfile(MEMBER)
-            assert f is not None, f"{MEMBER} missing from {TARBALL}"
-            tmp.write_bytes(f.read())
-    else:
-        msg = f"{TARBALL} not found: install linux-source-6.12 (scripts/bootstrap.sh does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    tmp.replace(dest)
+    (out / "linux").mkdir(parents=True, exist_ok=True)
+    unpacked = sorted(glob.glob(str(CACHE / "kernel" / "src-6.12*")))
+    for h in missing:
+        dest = out / "linux" / h
+        tmp = dest.with_suffix(".tmp")
+        src = pathlib.Path(unpacked[-1]) / MEMBER.format(h) if unpacked else None
+        if src is not None and src.exists():
+            shutil.copyfile(src, tmp)
+        elif TARBALL.exists():
+            with tarfile.open(TARBALL, "r:xz") as tar:
+                f = tar.extractfile(MEMBER.format(h))
+                assert f is not None, f"{MEMBER.format(h)} missing from {TARBALL}"
+                tmp.write_bytes(f.read())
+        else:
+            msg = f"{TARBALL} not found: install linux-source-6.12 (scripts/bootstrap.sh does)"
+            if os.environ.get("CI") == "true":
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
+        tmp.replace(dest)
     return out
 
 
@@ -70,19 +75,20 @@ FIELD_NAMES = {("vfio_device_feature_dma_logging_control", "reserved"): "__reser
 def _checker_source(header_text: str, header_path: pathlib.Path) -> tuple[str, int]:
     """C source that prints 'name ours kernel' for every value compared,
     and how many values that is."""
-    consts = re.findall(r"^#define DEVMIG_(VFIO_\w+)[ \t]+\S", header_text, re.M)
-    structs = re.findall(r"^struct devmig_(vfio_\w+) \{(.*?)^\};", header_text, re.M | re.S)
+    consts = re.findall(r"^#define DEVMIG_(\w+)[ \t]+\S", header_text, re.M)
+    structs = re.findall(r"^struct devmig_(\w+) \{(.*?)^\};", header_text, re.M | re.S)
     lines = [
         "#include <stddef.h>",
         "#include <stdio.h>",
         "#include <linux/vfio.h>",
+        "#include <linux/iommufd.h>",
         f'#include "{header_path}"',
         '#define SHOW(n, a, b) printf("%s %lld %lld\\n", n, (long long)(a), (long long)(b))',
         "int main(void) {",
     ]
     n = 0
     for c in consts:
-        if c in ("VFIO_UAPI_H",):
+        if c.endswith("_UAPI_H"):
             continue  # the include guard
         lines.append(f'SHOW("{c}", DEVMIG_{c}, {c});')
         n += 1
@@ -135,12 +141,15 @@ def _compare(header: pathlib.Path, tmp: pathlib.Path) -> tuple[list[str], int]:
     return bad, n
 
 
-def test_every_definition_in_our_uapi_header_equals_linux_6_12(tmp_path: pathlib.Path) -> None:
-    bad, n = _compare(OURS, tmp_path)
-    assert not bad, "devmig's vfio_uapi.h differs from Linux 6.12:\n" + "\n".join(bad)
-    # The header defines far more than this; a parse that found little
+@pytest.mark.parametrize("ours", sorted(PAIRS))
+def test_every_definition_in_our_uapi_header_equals_linux_6_12(
+    ours: str, tmp_path: pathlib.Path
+) -> None:
+    bad, n = _compare(NATIVE / "include" / "devmig" / ours, tmp_path)
+    assert not bad, f"devmig's {ours} differs from Linux 6.12:\n" + "\n".join(bad)
+    # Each header defines at least this many; a parse that found little
     # would pass vacuously.
-    assert n >= 80, f"only {n} values compared"
+    assert n >= {"vfio_uapi.h": 150, "iommufd_uapi.h": 12}[ours], f"only {n} values compared"
 
 
 def test_the_check_reports_a_drifted_value_and_a_drifted_field(tmp_path: pathlib.Path) -> None:

@@ -58,6 +58,13 @@ CHECKS = [
     "kernel_loads_after_rejected_write",
     "core_refuses_stop_after_rejected_write",
     "source_resumes_with_its_bytes",
+    "open_cdev_target",
+    "cdev_second_bind_einval",
+    "group_and_cdev_exclusive_ebusy",
+    "cdev_migration_uart_bytes",
+    "fd_handoff_both_drive",
+    "device_lives_while_a_duplicate_is_open",
+    "data_fd_enodev_after_last_close",
 ]
 
 RESULT = re.compile(r"^(ok|not ok|skip) ([A-Za-z0-9_]+)(?:: (.*))?$")

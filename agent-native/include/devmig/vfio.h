@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "devmig/iommufd_uapi.h"
 #include "devmig/vfio_uapi.h"
 
 #ifdef __cplusplus
@@ -51,6 +52,43 @@ int devmig_vfio_mig_set_state(int fd, uint32_t state, int *data_fd);
 int devmig_vfio_mig_data_size(int fd, uint64_t *bytes);
 /* Issued on the data fd. */
 int devmig_vfio_precopy_info(int data_fd, uint64_t *initial_bytes, uint64_t *dirty_bytes);
+
+/* Containers and groups (type1). */
+int devmig_vfio_get_api_version(int container_fd);
+/* 1 when the container supports extension `ext` (an IOMMU type), 0 not. */
+int devmig_vfio_check_extension(int container_fd, uint32_t ext);
+int devmig_vfio_set_iommu(int container_fd, uint32_t type);
+int devmig_vfio_group_get_status(int group_fd, uint32_t *flags);
+int devmig_vfio_group_set_container(int group_fd, int container_fd);
+/* Device cdevs and iommufd. *pt_id: the IOAS (or HWPT) to attach in, the
+ * HWPT the kernel attached out. */
+int devmig_vfio_device_bind_iommufd(int device_fd, int iommufd, uint32_t *devid);
+int devmig_vfio_device_attach_pt(int device_fd, uint32_t *pt_id);
+int devmig_iommu_ioas_alloc(int iommufd, uint32_t *ioas_id);
+int devmig_iommu_destroy(int iommufd, uint32_t id);
+
+/* ---- opening a device (open.c) ----
+ * What an opened device holds on to: its fd and whatever keeps its IOMMU
+ * context alive (a container and group, or an iommufd and IOAS). Every
+ * fd is -1 when not used. */
+struct devmig_vfio_handle {
+	int device_fd;
+	int container_fd, group_fd; /* group + type1 */
+	int iommufd;                /* cdev + iommufd */
+	uint32_t ioas_id, devid, hwpt_id;
+};
+/* Through the group (e.g. "/dev/vfio/12") and a new type1v2 container; the
+ * device by its name in the group (PCI address or mdev UUID). On failure
+ * everything opened is closed; -errno, with *why (may be NULL, 160 bytes)
+ * naming the step that failed. */
+int devmig_vfio_open_group(const char *group_path, const char *name, struct devmig_vfio_handle *h,
+			   char *why, size_t why_len);
+/* Through the device cdev (e.g. "/dev/vfio/devices/vfio0") bound to a new
+ * iommufd (iommufd_path, normally "/dev/iommu") and attached to a new IOAS. */
+int devmig_vfio_open_cdev(const char *cdev_path, const char *iommufd_path,
+			  struct devmig_vfio_handle *h, char *why, size_t why_len);
+/* Close what the handle holds, device first; idempotent. */
+void devmig_vfio_handle_close(struct devmig_vfio_handle *h);
 
 #ifdef __cplusplus
 }

@@ -205,4 +205,34 @@ struct devmig_vfio_precopy_info {
 	devmig_aligned_u64 dirty_bytes;   /* re-dirtied data estimate; may never reach 0 */
 };
 
+/* ---- containers, groups (type1) and device cdevs (iommufd) ---- */
+#define DEVMIG_VFIO_API_VERSION 0
+#define DEVMIG_VFIO_TYPE1v2_IOMMU 3 /* the container IOMMU model devmig uses */
+#define DEVMIG_VFIO_SET_IOMMU DEVMIG_VFIO_IO(2)           /* container fd */
+#define DEVMIG_VFIO_GROUP_GET_STATUS DEVMIG_VFIO_IO(3)    /* group fd */
+#define DEVMIG_VFIO_GROUP_SET_CONTAINER DEVMIG_VFIO_IO(4) /* group fd */
+struct devmig_vfio_group_status {
+	uint32_t argsz;
+	uint32_t flags;
+};
+#define DEVMIG_VFIO_GROUP_FLAGS_VIABLE (1u << 0) /* every device of the group is bound to VFIO */
+#define DEVMIG_VFIO_GROUP_FLAGS_CONTAINER_SET (1u << 1)
+
+/* A device cdev (/dev/vfio/devices/vfioN) is bound to an iommufd, then
+ * attached to an IO address space (or hardware page table) in it. */
+#define DEVMIG_VFIO_DEVICE_BIND_IOMMUFD DEVMIG_VFIO_IO(18)      /* device cdev fd */
+#define DEVMIG_VFIO_DEVICE_ATTACH_IOMMUFD_PT DEVMIG_VFIO_IO(19) /* device cdev fd */
+#define DEVMIG_VFIO_DEVICE_DETACH_IOMMUFD_PT DEVMIG_VFIO_IO(20) /* device cdev fd */
+struct devmig_vfio_device_bind_iommufd {
+	uint32_t argsz;
+	uint32_t flags;
+	int32_t iommufd;
+	uint32_t out_devid; /* the device's id inside that iommufd */
+};
+struct devmig_vfio_device_attach_iommufd_pt {
+	uint32_t argsz;
+	uint32_t flags;
+	uint32_t pt_id; /* an IOAS or HWPT id; out: the HWPT actually attached */
+};
+
 #endif

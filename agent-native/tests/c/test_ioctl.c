@@ -229,10 +229,38 @@ static void capture(void *ctx, const char *line)
 	strcat(logbuf, "\n");
 }
 
+/* Opening fails cleanly: the step that failed is named, -errno comes
+ * back, and nothing stays open. (The successful paths run against the real
+ * kernel: tests/kernel, open_*_group_type1 and open_cdev_iommufd.) */
+static void open_failures_name_the_step_and_leak_nothing(void)
+{
+	struct devmig_vfio_handle h;
+	char why[160];
+	int before = 0, after = 0;
+
+	for (int fd = 0; fd < 1024; fd++)
+		before += fcntl(fd, F_GETFD) >= 0;
+	CHECK(devmig_vfio_open_cdev("/nonexistent/vfio0", "/dev/null", &h, why, sizeof(why)) == -ENOENT);
+	CHECK(strstr(why, "open /nonexistent/vfio0") != NULL);
+	CHECK(h.device_fd == -1 && h.iommufd == -1);
+	/* /dev/null opens but is no VFIO device: the bind is refused. */
+	CHECK(devmig_vfio_open_cdev("/dev/null", "/dev/null", &h, why, sizeof(why)) < 0);
+	CHECK(strstr(why, "VFIO_DEVICE_BIND_IOMMUFD") != NULL);
+	CHECK(h.device_fd == -1 && h.iommufd == -1);
+	CHECK(devmig_vfio_open_group("/nonexistent/12", "0000:00:00.0", &h, NULL, 0) < 0);
+	CHECK(h.device_fd == -1 && h.group_fd == -1 && h.container_fd == -1);
+	devmig_vfio_handle_close(&h); /* idempotent */
+	for (int fd = 0; fd < 1024; fd++)
+		after += fcntl(fd, F_GETFD) >= 0;
+	CHECK(after == before);
+}
+
 int main(void)
 {
 	struct devmig_region_info ri;
 	struct devmig_dev *d;
+
+	open_failures_name_the_step_and_leak_nothing();
 	uint64_t v;
 	uint32_t st;
 	int dfd, calls;

@@ -18,6 +18,7 @@
  * (RUNNING) with nothing of them loaded. */
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <libgen.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -25,7 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* Only the container and group ioctls come from the system header: they
@@ -34,6 +37,7 @@
 #include <linux/vfio.h>
 
 #include "devmig/devmig.h"
+#include "devmig/fdpass.h"
 #include "devmig/sim.h"
 #include "devmig/stream.h"
 #include "devmig/vfio.h"
@@ -87,11 +91,12 @@ static void log_line(void *ctx, const char *line)
 	snprintf(c->last, sizeof(c->last), "%s", line);
 }
 
-/* ---- opening an mdev through its group and a type1 container ---- */
+/* ---- opening an mdev: group + type1 container, or cdev + iommufd ---- */
 
 struct vdev {
 	const char *uuid;
-	int container, group, fd;
+	struct devmig_vfio_handle h;
+	int fd; /* h.device_fd */
 	uint64_t bar_off[2];
 	struct devmig_dev *dev;
 	struct logcap log;
@@ -100,8 +105,8 @@ struct vdev {
 static int open_group_type1(struct vdev *v, char *why, size_t whylen)
 {
 	char link[160], target[PATH_MAX], path[64];
-	struct vfio_group_status st = { .argsz = sizeof(st) };
 	ssize_t n;
+	int r;
 
 	snprintf(link, sizeof(link), "/sys/bus/mdev/devices/%s/iommu_group", v->uuid);
 	n = readlink(link, target, sizeof(target) - 1);
@@ -111,43 +116,45 @@ static int open_group_type1(struct vdev *v, char *why, size_t whylen)
 	}
 	target[n] = 0;
 	snprintf(path, sizeof(path), "/dev/vfio/%.40s", basename(target));
+	r = devmig_vfio_open_group(path, v->uuid, &v->h, why, whylen);
+	v->fd = v->h.device_fd;
+	return r < 0 ? -1 : 0;
+}
 
-	v->container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
-	if (v->container < 0) {
-		snprintf(why, whylen, "open /dev/vfio/vfio: %s", strerror(errno));
+/* The mdev's cdev: /sys/bus/mdev/devices/UUID/vfio-dev/vfioN names
+ * /dev/vfio/devices/vfioN. */
+static int cdev_path(const char *uuid, char *out, size_t len)
+{
+	char dir[160];
+	struct dirent *e;
+	DIR *d;
+
+	snprintf(dir, sizeof(dir), "/sys/bus/mdev/devices/%s/vfio-dev", uuid);
+	d = opendir(dir);
+	if (!d)
+		return -errno;
+	while ((e = readdir(d)))
+		if (!strncmp(e->d_name, "vfio", 4)) {
+			snprintf(out, len, "/dev/vfio/devices/%.40s", e->d_name);
+			closedir(d);
+			return 0;
+		}
+	closedir(d);
+	return -ENOENT;
+}
+
+static int open_cdev_iommufd(struct vdev *v, char *why, size_t whylen)
+{
+	char path[80];
+	int r = cdev_path(v->uuid, path, sizeof(path));
+
+	if (r < 0) {
+		snprintf(why, whylen, "no cdev for %s: %s", v->uuid, strerror(-r));
 		return -1;
 	}
-	if (ioctl(v->container, VFIO_GET_API_VERSION) != VFIO_API_VERSION) {
-		snprintf(why, whylen, "unexpected VFIO API version");
-		return -1;
-	}
-	if (ioctl(v->container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1) {
-		snprintf(why, whylen, "container lacks VFIO_TYPE1v2_IOMMU");
-		return -1;
-	}
-	v->group = open(path, O_RDWR | O_CLOEXEC);
-	if (v->group < 0) {
-		snprintf(why, whylen, "open %s: %s", path, strerror(errno));
-		return -1;
-	}
-	if (ioctl(v->group, VFIO_GROUP_GET_STATUS, &st) < 0 || !(st.flags & VFIO_GROUP_FLAGS_VIABLE)) {
-		snprintf(why, whylen, "group %s not viable", path);
-		return -1;
-	}
-	if (ioctl(v->group, VFIO_GROUP_SET_CONTAINER, &v->container) < 0) {
-		snprintf(why, whylen, "VFIO_GROUP_SET_CONTAINER: %s", strerror(errno));
-		return -1;
-	}
-	if (ioctl(v->container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) {
-		snprintf(why, whylen, "VFIO_SET_IOMMU type1v2: %s", strerror(errno));
-		return -1;
-	}
-	v->fd = devmig_vfio_group_get_device_fd(v->group, v->uuid);
-	if (v->fd < 0) {
-		snprintf(why, whylen, "VFIO_GROUP_GET_DEVICE_FD %s: %s", v->uuid, strerror(-v->fd));
-		return -1;
-	}
-	return 0;
+	r = devmig_vfio_open_cdev(path, "/dev/iommu", &v->h, why, whylen);
+	v->fd = v->h.device_fd;
+	return r < 0 ? -1 : 0;
 }
 
 /* The descriptor a stream carries: the ids from the device's own PCI
@@ -184,15 +191,16 @@ static int read_desc(struct vdev *v, struct devmig_dev_desc *desc, char *why, si
 	return 0;
 }
 
-static int open_vdev(struct vdev *v, const char *who, const char *check_name)
+static int open_vdev(struct vdev *v, const char *who, const char *check_name, int cdev)
 {
 	char why[512] = "";
 	struct devmig_dev_desc desc;
 	int r;
 
-	v->container = v->group = v->fd = -1;
+	v->fd = -1;
 	v->log.who = who;
-	if (open_group_type1(v, why, sizeof(why)) < 0 || read_desc(v, &desc, why, sizeof(why)) < 0) {
+	if ((cdev ? open_cdev_iommufd(v, why, sizeof(why)) : open_group_type1(v, why, sizeof(why))) < 0 ||
+	    read_desc(v, &desc, why, sizeof(why)) < 0) {
 		check(check_name, 0, "%s", why);
 		return -1;
 	}
@@ -344,11 +352,186 @@ static void refused_load(struct vdev *t, const char *name, const char *path, int
 	      devmig_dev_poisoned(t->dev), n);
 }
 
+/* ---- cdev + iommufd: exclusivity, a migration, fd handoff ---- */
+
+/* Bind a fresh open of `cdev` to a fresh iommufd: 0 or -errno, and which
+ * step refused ("open" or "bind"). */
+static int bind_again(const char *cdev, const char **step)
+{
+	int dfd = open(cdev, O_RDWR | O_CLOEXEC), ifd, r;
+
+	*step = "open";
+	if (dfd < 0)
+		return -errno;
+	ifd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
+	if (ifd < 0) {
+		r = -errno;
+		close(dfd);
+		return r;
+	}
+	*step = "bind";
+	r = devmig_vfio_device_bind_iommufd(dfd, ifd, NULL);
+	close(dfd);
+	close(ifd);
+	return r;
+}
+
+/* In a forked child: keep only the fds named, as a separate VMM process
+ * would hold nothing of ours but what it was handed. */
+static void keep_only(int a, int b)
+{
+	for (int fd = 3; fd < 1024; fd++)
+		if (fd != a && fd != b)
+			close(fd);
+}
+
+static void cdev_checks(struct vdev *grp, struct vdev *cs, struct vdev *cd)
+{
+	static const char msg[] = "via cdev";
+	const char *cstream = "/devmig-cdev.bin", *step = "";
+	char path[80], got[64];
+	int r, n, fd, sv[2], pipefd[2], held;
+	pid_t pid;
+	long saved;
+
+	if (!cs->dev || !cd->uuid) {
+		skip("cdev_second_bind_einval", "no cdev-opened device");
+		return;
+	}
+	/* A cdev already bound: another open of it may not bind too. */
+	r = cdev_path(cs->uuid, path, sizeof(path));
+	r = r < 0 ? r : bind_again(path, &step);
+	check("cdev_second_bind_einval", r == -EINVAL, "%s returned %d (%s), want -EINVAL", step, r,
+	      r < 0 ? strerror(-r) : "ok");
+	/* A device opened through its group: its cdev may not bind. */
+	r = cdev_path(grp->uuid, path, sizeof(path));
+	r = r < 0 ? r : bind_again(path, &step);
+	check("group_and_cdev_exclusive_ebusy", r == -EBUSY, "%s returned %d (%s), want -EBUSY", step, r,
+	      r < 0 ? strerror(-r) : "ok");
+
+	/* A whole migration between two cdev-opened devices. */
+	if (open_vdev(cd, "cdev-target", "open_cdev_target", 1) < 0)
+		return;
+	r = uart_write(cs, 0, msg, strlen(msg));
+	if (r == 0)
+		r = devmig_set_state(cs->dev, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL);
+	fd = r < 0 ? -1 : open(cstream, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	saved = r < 0 ? r : fd < 0 ? -errno : devmig_stream_save(cs->dev, fd);
+	if (fd >= 0)
+		close(fd);
+	r = saved < 0 ? (int)saved : devmig_set_state(cs->dev, DEVMIG_STATE_STOP, DEVMIG_STATE_ERROR, NULL);
+	if (r == 0)
+		r = devmig_set_state(cd->dev, DEVMIG_STATE_RESUMING, DEVMIG_STATE_RUNNING, NULL);
+	fd = r < 0 ? -1 : open(cstream, O_RDONLY);
+	if (r == 0)
+		r = fd < 0 ? -errno : devmig_stream_load(cd->dev, fd);
+	if (fd >= 0)
+		close(fd);
+	if (r == 0)
+		r = devmig_set_state(cd->dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL);
+	n = r < 0 ? 0 : uart_drain(cd, 0, got, sizeof(got));
+	check("cdev_migration_uart_bytes", r == 0 && n == (int)strlen(msg) && !memcmp(got, msg, strlen(msg)),
+	      "%s; target UART gave %d bytes \"%.*s\", want \"%s\"", r ? strerror(-r) : "ok", n, n > 0 ? n : 0,
+	      got, msg);
+	/* The source goes on running (STOP -> RUNNING) for the handoff. */
+	if (devmig_set_state(cs->dev, DEVMIG_STATE_RUNNING, DEVMIG_STATE_ERROR, NULL) < 0)
+		return;
+
+	/* Hand the device fd to another process; both drive the device. The
+	 * source's UART still holds what it sent: empty it first. */
+	(void)uart_drain(cs, 0, got, sizeof(got));
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0 || pipe(pipefd) < 0) {
+		check("fd_handoff_both_drive", 0, "socketpair/pipe: %s", strerror(errno));
+		return;
+	}
+	pid = fork();
+	if (pid == 0) {
+		uint32_t kind, st = 0;
+		char name[DEVMIG_FD_NAME_MAX + 1];
+		int vfd;
+
+		keep_only(sv[1], -1);
+		if (devmig_fd_recv(sv[1], &vfd, &kind, name, sizeof(name)) < 0 || vfd < 0)
+			_exit(10);
+		if (devmig_vfio_mig_get_state(vfd, &st) < 0 || st != DEVMIG_STATE_RUNNING)
+			_exit(11);
+		if (pwrite(vfd, "C", 1, (off_t)(cs->bar_off[0] + UART_RX_TX)) != 1)
+			_exit(12);
+		_exit(0);
+	}
+	close(sv[1]);
+	r = devmig_fd_send(sv[0], cs->fd, DEVMIG_FD_KIND_VFIO_DEVICE, cs->uuid);
+	{
+		int status = 0;
+
+		waitpid(pid, &status, 0);
+		n = uart_drain(cs, 0, got, sizeof(got));
+		check("fd_handoff_both_drive",
+		      r == 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && n == 1 && got[0] == 'C',
+		      "send %d; child exit %d; our UART read %d bytes (want the child's \"C\")", r,
+		      WIFEXITED(status) ? WEXITSTATUS(status) : -1, n);
+	}
+	close(sv[0]);
+
+	/* The device outlives our close while the other process holds its
+	 * duplicate; once the last duplicate closes, a data fd still held
+	 * reads ENODEV. */
+	r = devmig_set_state(cs->dev, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, &fd);
+	held = r < 0 ? -1 : dup(fd);
+	if (held < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+		check("device_lives_while_a_duplicate_is_open", 0, "setting up: %s", strerror(r < 0 ? -r : errno));
+		return;
+	}
+	pid = fork();
+	if (pid == 0) {
+		uint32_t kind, st = 0;
+		char name[DEVMIG_FD_NAME_MAX + 1], go;
+		int vfd;
+
+		keep_only(sv[1], pipefd[0]);
+		if (devmig_fd_recv(sv[1], &vfd, &kind, name, sizeof(name)) < 0 || vfd < 0)
+			_exit(10);
+		/* Wait until the parent has closed every reference of its own. */
+		if (read(pipefd[0], &go, 1) != 1)
+			_exit(11);
+		if (devmig_vfio_mig_get_state(vfd, &st) < 0 || st != DEVMIG_STATE_PRE_COPY)
+			_exit(12);
+		close(vfd);
+		_exit(0);
+	}
+	close(sv[1]);
+	close(pipefd[0]);
+	r = devmig_fd_send(sv[0], cs->fd, DEVMIG_FD_KIND_VFIO_DEVICE, cs->uuid);
+	devmig_dev_close(cs->dev);
+	cs->dev = NULL;
+	devmig_vfio_handle_close(&cs->h);
+	cs->fd = -1;
+	{
+		int status = 0;
+		char c;
+		ssize_t rd;
+
+		if (write(pipefd[1], "g", 1) != 1)
+			r = -errno;
+		waitpid(pid, &status, 0);
+		check("device_lives_while_a_duplicate_is_open",
+		      r == 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+		      "send %d; child exit %d (0: it saw PRE_COPY after our last close)", r,
+		      WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+		rd = read(held, &c, 1);
+		check("data_fd_enodev_after_last_close", rd < 0 && errno == ENODEV,
+		      "read returned %zd (%s), want ENODEV", rd, rd < 0 ? strerror(errno) : "data");
+	}
+	close(held);
+	close(sv[0]);
+	close(pipefd[1]);
+}
+
 int main(int argc, char **argv)
 {
 	static const char msg0[] = "devmig mtty 0!", msg1[] = "port-1";
 	const char *stream = "/devmig-stream.bin", *bad = "/devmig-bad.bin";
-	struct vdev src = { 0 }, dst = { 0 };
+	struct vdev src = { 0 }, dst = { 0 }, csrc = { 0 }, cdst = { 0 };
 	struct devmig_precopy_info pi;
 	uint64_t flags, expect_size = 0;
 	char got[64];
@@ -357,18 +540,26 @@ int main(int argc, char **argv)
 	int r, n, fd, lines;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	if (argc != 3) {
-		fprintf(stderr, "usage: %s SOURCE_UUID TARGET_UUID\n", argv[0]);
+	if (argc != 3 && argc != 5) {
+		fprintf(stderr, "usage: %s SOURCE_UUID TARGET_UUID [CDEV_SOURCE_UUID CDEV_TARGET_UUID]\n", argv[0]);
 		return 2;
 	}
 	src.uuid = argv[1];
 	dst.uuid = argv[2];
 	printf("# devmig native core %s\n", devmig_version());
 
-	if (open_vdev(&src, "source", "open_source_group_type1") < 0 ||
-	    open_vdev(&dst, "target", "open_target_group_type1") < 0)
+	if (open_vdev(&src, "source", "open_source_group_type1", 0) < 0 ||
+	    open_vdev(&dst, "target", "open_target_group_type1", 0) < 0)
 		goto out;
-	skip("open_cdev_iommufd", "the native core has no cdev + iommufd open (bind, IOAS, attach) yet");
+	if (argc == 5) {
+		csrc.uuid = argv[3];
+		cdst.uuid = argv[4];
+		if (open_vdev(&csrc, "cdev-source", "open_cdev_iommufd", 1) == 0 &&
+		    devmig_dev_flags(csrc.dev) != (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY))
+			check("open_cdev_iommufd", 0, "flags 0x%llx", (unsigned long long)devmig_dev_flags(csrc.dev));
+	} else {
+		check("open_cdev_iommufd", 0, "%s", "the guest made no third and fourth mdev");
+	}
 
 	flags = devmig_dev_flags(src.dev);
 	check("migration_flags", flags == (DEVMIG_MIG_STOP_COPY | DEVMIG_MIG_P2P | DEVMIG_MIG_PRE_COPY),
@@ -650,11 +841,21 @@ after_hazard:
 	      r == 0 && n == (int)strlen(msg0) && !memcmp(got, msg0, strlen(msg0)),
 	      "%s; read %d bytes \"%.*s\", want \"%s\"", r ? strerror(-r) : "ok", n, n > 0 ? n : 0, got, msg0);
 
+	cdev_checks(&src, &csrc, &cdst);
+
 out:
 	if (src.dev)
 		devmig_dev_close(src.dev);
 	if (dst.dev)
 		devmig_dev_close(dst.dev);
+	if (csrc.dev)
+		devmig_dev_close(csrc.dev);
+	if (cdst.dev)
+		devmig_dev_close(cdst.dev);
+	devmig_vfio_handle_close(&src.h);
+	devmig_vfio_handle_close(&dst.h);
+	devmig_vfio_handle_close(&csrc.h);
+	devmig_vfio_handle_close(&cdst.h);
 	printf("devmig-kernel-test: %d ok, %d not ok\n", n_ok, n_bad);
 	return n_bad ? 1 : 0;
 }
