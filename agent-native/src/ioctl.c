@@ -355,3 +355,65 @@ int devmig_iommu_destroy(int iommufd, uint32_t id)
 
 	return r < 0 ? r : 0;
 }
+
+/* ---- iommufd: mappings and dirty-tracking page tables ---- */
+
+int devmig_iommu_ioas_map(int iommufd, uint32_t ioas_id, void *va, uint64_t length, uint64_t *iova,
+			  uint32_t flags)
+{
+	struct devmig_iommu_ioas_map m = {
+		.size = sizeof(m),
+		.flags = flags,
+		.ioas_id = ioas_id,
+		.user_va = (uint64_t)(uintptr_t)va,
+		.length = length,
+		.iova = *iova,
+	};
+	int r = xioctl(iommufd, DEVMIG_IOMMU_IOAS_MAP, &m);
+
+	if (r >= 0)
+		*iova = m.iova;
+	return r < 0 ? r : 0;
+}
+
+int devmig_iommu_hwpt_alloc(int iommufd, uint32_t flags, uint32_t dev_id, uint32_t pt_id,
+			    uint32_t *hwpt_id)
+{
+	struct devmig_iommu_hwpt_alloc a = {
+		.size = sizeof(a), .flags = flags, .dev_id = dev_id, .pt_id = pt_id
+	};
+	int r = xioctl(iommufd, DEVMIG_IOMMU_HWPT_ALLOC, &a);
+
+	if (r >= 0)
+		*hwpt_id = a.out_hwpt_id;
+	return r < 0 ? r : 0;
+}
+
+int devmig_iommu_hwpt_set_dirty_tracking(int iommufd, uint32_t hwpt_id, int enable)
+{
+	struct devmig_iommu_hwpt_set_dirty_tracking s = {
+		.size = sizeof(s),
+		.flags = enable ? DEVMIG_IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
+		.hwpt_id = hwpt_id,
+	};
+	int r = xioctl(iommufd, DEVMIG_IOMMU_HWPT_SET_DIRTY_TRACKING, &s);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_iommu_hwpt_get_dirty_bitmap(int iommufd, uint32_t hwpt_id, uint32_t flags, uint64_t iova,
+				       uint64_t length, uint64_t page_size, void *bitmap)
+{
+	struct devmig_iommu_hwpt_get_dirty_bitmap g = {
+		.size = sizeof(g),
+		.hwpt_id = hwpt_id,
+		.flags = flags,
+		.iova = iova,
+		.length = length,
+		.page_size = page_size,
+		.data = (uint64_t)(uintptr_t)bitmap,
+	};
+	int r = xioctl(iommufd, DEVMIG_IOMMU_HWPT_GET_DIRTY_BITMAP, &g);
+
+	return r < 0 ? r : 0;
+}

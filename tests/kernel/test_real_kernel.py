@@ -65,6 +65,14 @@ CHECKS = [
     "fd_handoff_both_drive",
     "device_lives_while_a_duplicate_is_open",
     "data_fd_enodev_after_last_close",
+    "iommufd_dirty_hwpt_on_mock_domain",
+    "iommufd_dirty_off_kernel_says_clean_core_refuses",
+    "iommufd_dirty_start_and_mark",
+    "iommufd_dirty_bitmap_no_clear_then_clear",
+    "iommufd_dirty_kernel_only_sets_bits_core_zeroes",
+    "iommufd_dirty_unmapped_range_reads_clean",
+    "iommufd_dirty_stopped_kernel_says_clean_core_refuses",
+    "mdev_cannot_attach_dirty_hwpt",
 ]
 
 RESULT = re.compile(r"^(ok|not ok|skip) ([A-Za-z0-9_]+)(?:: (.*))?$")

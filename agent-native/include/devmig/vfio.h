@@ -66,6 +66,17 @@ int devmig_vfio_device_bind_iommufd(int device_fd, int iommufd, uint32_t *devid)
 int devmig_vfio_device_attach_pt(int device_fd, uint32_t *pt_id);
 int devmig_iommu_ioas_alloc(int iommufd, uint32_t *ioas_id);
 int devmig_iommu_destroy(int iommufd, uint32_t id);
+/* Map length bytes at va into the IOAS; *iova in with
+ * DEVMIG_IOMMU_IOAS_MAP_FIXED_IOVA in flags, else chosen by the kernel. */
+int devmig_iommu_ioas_map(int iommufd, uint32_t ioas_id, void *va, uint64_t length, uint64_t *iova,
+			  uint32_t flags);
+int devmig_iommu_hwpt_alloc(int iommufd, uint32_t flags, uint32_t dev_id, uint32_t pt_id,
+			    uint32_t *hwpt_id);
+int devmig_iommu_hwpt_set_dirty_tracking(int iommufd, uint32_t hwpt_id, int enable);
+/* Raw: the kernel only sets bits (zero the bitmap first) and answers 0
+ * with nothing set when tracking is off; use devmig_hwpt_dirty_read. */
+int devmig_iommu_hwpt_get_dirty_bitmap(int iommufd, uint32_t hwpt_id, uint32_t flags, uint64_t iova,
+				       uint64_t length, uint64_t page_size, void *bitmap);
 
 /* ---- opening a device (open.c) ----
  * What an opened device holds on to: its fd and whatever keeps its IOMMU

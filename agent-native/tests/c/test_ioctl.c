@@ -15,6 +15,7 @@
 
 #include "check.h"
 #include "devmig/devmig.h"
+#include "devmig/dirty.h"
 #include "devmig/vfio.h"
 
 static int fake_fd = -1, fake_data_fd = -1;
@@ -255,12 +256,29 @@ static void open_failures_name_the_step_and_leak_nothing(void)
 	CHECK(after == before);
 }
 
+/* The dirty reader refuses, before any ioctl, what the kernel would answer
+ * with a misleading "clean": tracking off; and bad ranges. */
+static void dirty_reads_refuse_without_tracking(void)
+{
+	struct devmig_hwpt_dirty t = { .iommufd = -1, .hwpt_id = 1, .tracking = 0 };
+	uint64_t bm[2] = { ~0ULL, ~0ULL };
+
+	CHECK(devmig_hwpt_dirty_read(&t, 0, 128 * 4096, 4096, bm, 2, 1) == -ENODATA);
+	CHECK(bm[0] == ~0ULL); /* untouched: nothing was read */
+	CHECK(devmig_hwpt_dirty_read(&t, 0, 129 * 4096, 4096, bm, 2, 1) == -ENOSPC);
+	CHECK(devmig_hwpt_dirty_read(&t, 100, 4096, 4096, bm, 2, 1) == -EINVAL);
+	CHECK(devmig_hwpt_dirty_read(&t, 0, 4096, 3000, bm, 2, 1) == -EINVAL);
+	/* A start the kernel refuses (no iommufd here) leaves tracking off. */
+	CHECK(devmig_hwpt_dirty_start(&t) == -EBADF && !t.tracking);
+}
+
 int main(void)
 {
 	struct devmig_region_info ri;
 	struct devmig_dev *d;
 
 	open_failures_name_the_step_and_leak_nothing();
+	dirty_reads_refuse_without_tracking();
 	uint64_t v;
 	uint32_t st;
 	int dfd, calls;

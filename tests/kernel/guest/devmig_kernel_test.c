@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -37,6 +38,7 @@
 #include <linux/vfio.h>
 
 #include "devmig/devmig.h"
+#include "devmig/dirty.h"
 #include "devmig/fdpass.h"
 #include "devmig/sim.h"
 #include "devmig/stream.h"
@@ -527,6 +529,185 @@ static void cdev_checks(struct vdev *grp, struct vdev *cs, struct vdev *cd)
 	close(pipefd[1]);
 }
 
+/* ---- iommufd dirty tracking against the IOMMUFD_TEST mock domain ---- */
+
+/* The iommufd selftest command (CONFIG_IOMMUFD_TEST), written from the
+ * 6.12 kernel's drivers/iommu/iommufd/iommufd_test.h: only the ops used
+ * here. Test-only: the product never issues it. */
+#define MOCK_TEST_CMD _IO(';', 0x80 + 32)
+#define MOCK_OP_MOCK_DOMAIN 2
+#define MOCK_OP_MOCK_DOMAIN_REPLACE 10
+#define MOCK_OP_DIRTY 13
+#define MOCK_APERTURE_START (1ULL << 24) /* the mock domain's lowest IOVA */
+#define MOCK_PAGE 2048ULL                 /* the mock's IO page: half a CPU page */
+#define MOCK_PAGES 128ULL                 /* 256 KiB mapped */
+struct mock_cmd {
+	uint32_t size, op, id, reserved;
+	union {
+		struct {
+			uint32_t out_stdev_id, out_hwpt_id, out_idev_id;
+		} mock_domain;
+		struct {
+			uint32_t pt_id;
+		} replace;
+		struct {
+			uint32_t flags;
+			uint64_t iova __attribute__((aligned(8)));
+			uint64_t length, page_size, uptr, out_nr_dirty;
+		} dirty;
+		uint64_t union_size[6]; /* the kernel's union is 48 bytes */
+	};
+	uint32_t last;
+};
+
+static int mock_cmd(int ifd, struct mock_cmd *c)
+{
+	c->size = sizeof(*c);
+	return ioctl(ifd, MOCK_TEST_CMD, c) < 0 ? -errno : 0;
+}
+
+/* Mark `pages` (indexes into the mapping) dirty through the mock; returns
+ * how many the mock marked, or -errno. */
+static int mock_mark(int ifd, uint32_t hwpt, const int *pages, int n)
+{
+	uint64_t want[MOCK_PAGES / 64] = { 0 };
+	struct mock_cmd c = { .op = MOCK_OP_DIRTY, .id = hwpt };
+	int r;
+
+	for (int i = 0; i < n; i++)
+		want[pages[i] / 64] |= 1ULL << (pages[i] % 64);
+	c.dirty.iova = MOCK_APERTURE_START;
+	c.dirty.length = MOCK_PAGES * MOCK_PAGE;
+	c.dirty.page_size = MOCK_PAGE;
+	c.dirty.uptr = (uint64_t)(uintptr_t)want;
+	r = mock_cmd(ifd, &c);
+	return r < 0 ? r : (int)c.dirty.out_nr_dirty;
+}
+
+static int bits_are(const uint64_t *bm, const int *pages, int n)
+{
+	uint64_t want[MOCK_PAGES / 64] = { 0 };
+
+	for (int i = 0; i < n; i++)
+		want[pages[i] / 64] |= 1ULL << (pages[i] % 64);
+	return !memcmp(bm, want, sizeof(want));
+}
+
+static void iommufd_dirty_checks(const char *mdev_uuid)
+{
+	static const int marked[] = { 0, 3, 4, 5, 127 };
+	uint64_t bm[MOCK_PAGES / 64], iova = MOCK_APERTURE_START;
+	const uint64_t len = MOCK_PAGES * MOCK_PAGE;
+	struct mock_cmd c = { .op = MOCK_OP_MOCK_DOMAIN };
+	struct devmig_hwpt_dirty t;
+	uint32_t ioas = 0;
+	int ifd = open("/dev/iommu", O_RDWR | O_CLOEXEC), r, r2;
+	void *buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+
+	r = ifd < 0 ? -errno : devmig_iommu_ioas_alloc(ifd, &ioas);
+	if (r == 0) {
+		c.id = ioas;
+		r = mock_cmd(ifd, &c);
+	}
+	if (r == 0)
+		r = devmig_hwpt_dirty_alloc(ifd, c.mock_domain.out_idev_id, ioas, &t);
+	if (r == 0) {
+		struct mock_cmd rep = { .op = MOCK_OP_MOCK_DOMAIN_REPLACE, .id = c.mock_domain.out_stdev_id };
+
+		rep.replace.pt_id = t.hwpt_id;
+		r = mock_cmd(ifd, &rep);
+	}
+	if (r == 0)
+		r = buf == MAP_FAILED ? -ENOMEM
+				      : devmig_iommu_ioas_map(ifd, ioas, buf, len, &iova,
+							      DEVMIG_IOMMU_IOAS_MAP_FIXED_IOVA |
+								      DEVMIG_IOMMU_IOAS_MAP_READABLE |
+								      DEVMIG_IOMMU_IOAS_MAP_WRITEABLE);
+	check("iommufd_dirty_hwpt_on_mock_domain", r == 0, "%s", r ? strerror(-r) : "");
+	if (r < 0)
+		goto done;
+
+	/* Tracking off: the kernel answers "nothing dirty"; the core refuses. */
+	memset(bm, 0, sizeof(bm));
+	r = devmig_iommu_hwpt_get_dirty_bitmap(ifd, t.hwpt_id, 0, iova, len, MOCK_PAGE, bm);
+	r2 = devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 1);
+	check("iommufd_dirty_off_kernel_says_clean_core_refuses", r == 0 && bits_are(bm, NULL, 0) && r2 == -ENODATA,
+	      "kernel %d with %s bits; core %d (want -ENODATA)", r, bits_are(bm, NULL, 0) ? "no" : "some", r2);
+
+	r = devmig_hwpt_dirty_start(&t);
+	r2 = r < 0 ? r : mock_mark(ifd, t.hwpt_id, marked, 5);
+	check("iommufd_dirty_start_and_mark", r == 0 && r2 == 5 && t.tracking,
+	      "start %d, mock marked %d of 5", r, r2);
+	/* NO_CLEAR: read without clearing, then read and clear, then nothing. */
+	r = devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 0);
+	int first = r == 0 && bits_are(bm, marked, 5);
+	r = r < 0 ? r : devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 1);
+	int second = r == 0 && bits_are(bm, marked, 5);
+	r = r < 0 ? r : devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 1);
+	int third = r == 0 && bits_are(bm, NULL, 0);
+	check("iommufd_dirty_bitmap_no_clear_then_clear", first && second && third,
+	      "%s; NO_CLEAR read exact %d, clearing read exact %d, then empty %d", r ? strerror(-r) : "ok", first,
+	      second, third);
+
+	/* The kernel only sets bits: a buffer not zeroed keeps its garbage. */
+	{
+		static const int one[] = { 7 };
+
+		r = mock_mark(ifd, t.hwpt_id, one, 1);
+		memset(bm, 0xff, sizeof(bm));
+		r2 = r < 0 ? r : devmig_iommu_hwpt_get_dirty_bitmap(ifd, t.hwpt_id, DEVMIG_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+									 iova, len, MOCK_PAGE, bm);
+		int garbage = r2 == 0 && bm[0] == ~0ULL && bm[1] == ~0ULL;
+
+		r = r2 < 0 ? r2 : devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 1);
+		check("iommufd_dirty_kernel_only_sets_bits_core_zeroes", garbage && r == 0 && bits_are(bm, one, 1),
+		      "raw read kept the 0xff fill: %d; core read %d exact %d", garbage, r, bits_are(bm, one, 1));
+	}
+	/* A range never mapped reads clean, with success. */
+	memset(bm, 0, sizeof(bm));
+	r = devmig_iommu_hwpt_get_dirty_bitmap(ifd, t.hwpt_id, 0, iova + (64ULL << 20), len, MOCK_PAGE, bm);
+	check("iommufd_dirty_unmapped_range_reads_clean", r == 0 && bits_are(bm, NULL, 0), "kernel %d", r);
+	/* Pages dirtied, then tracking stopped: the kernel reports nothing. */
+	{
+		static const int nine[] = { 9 };
+
+		r = mock_mark(ifd, t.hwpt_id, nine, 1);
+		r2 = r < 0 ? r : devmig_hwpt_dirty_stop(&t);
+		memset(bm, 0, sizeof(bm));
+		int raw = r2 < 0 ? r2 : devmig_iommu_hwpt_get_dirty_bitmap(ifd, t.hwpt_id, 0, iova, len, MOCK_PAGE, bm);
+		int core = devmig_hwpt_dirty_read(&t, iova, len, MOCK_PAGE, bm, MOCK_PAGES / 64, 1);
+
+		check("iommufd_dirty_stopped_kernel_says_clean_core_refuses",
+		      r == 1 && r2 == 0 && raw == 0 && bits_are(bm, NULL, 0) && core == -ENODATA && !t.tracking,
+		      "mark %d, stop %d, raw read %d (%s bits), core %d (want -ENODATA)", r, r2, raw,
+		      bits_are(bm, NULL, 0) ? "no" : "some", core);
+	}
+	/* An mdev (an emulated device, no IOMMU of its own) cannot attach to a
+	 * dirty-tracking page table. */
+	{
+		char path[80];
+		uint32_t pt = t.hwpt_id;
+		int dfd = -1;
+
+		r = cdev_path(mdev_uuid, path, sizeof(path));
+		if (r == 0) {
+			dfd = open(path, O_RDWR | O_CLOEXEC);
+			r = dfd < 0 ? -errno : devmig_vfio_device_bind_iommufd(dfd, ifd, NULL);
+		}
+		r2 = r < 0 ? r : devmig_vfio_device_attach_pt(dfd, &pt);
+		check("mdev_cannot_attach_dirty_hwpt", r == 0 && r2 == -ENOENT,
+		      "bind %d (%s), attach %d (%s), want -ENOENT", r, r < 0 ? strerror(-r) : "ok", r2,
+		      r2 < 0 ? strerror(-r2) : "ok");
+		if (dfd >= 0)
+			close(dfd);
+	}
+done:
+	if (buf != MAP_FAILED)
+		munmap(buf, len);
+	if (ifd >= 0)
+		close(ifd);
+}
+
 int main(int argc, char **argv)
 {
 	static const char msg0[] = "devmig mtty 0!", msg1[] = "port-1";
@@ -842,6 +1023,8 @@ after_hazard:
 	      "%s; read %d bytes \"%.*s\", want \"%s\"", r ? strerror(-r) : "ok", n, n > 0 ? n : 0, got, msg0);
 
 	cdev_checks(&src, &csrc, &cdst);
+	if (csrc.uuid)
+		iommufd_dirty_checks(csrc.uuid);
 
 out:
 	if (src.dev)

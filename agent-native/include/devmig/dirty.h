@@ -1,0 +1,47 @@
+/* Dirty-page tracking at the IOMMU: an iommufd hardware page table (HWPT)
+ * allocated with dirty tracking, switched on and off, and read as a
+ * bitmap (bit i = page i of the range, include/devmig/bitmap.h).
+ *
+ * Two kernel facts (seen on 6.12) shape the reader: GET_DIRTY_BITMAP only
+ * sets bits, so the bitmap is zeroed before every read; and it answers
+ * success with nothing set when tracking is off, so the tracker keeps its
+ * own record of whether tracking is on (changed only after the kernel
+ * accepted the change) and refuses to read while it is off rather than
+ * report "clean". A range that was never mapped also reads clean: track
+ * what you mapped. */
+#ifndef DEVMIG_DIRTY_H
+#define DEVMIG_DIRTY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct devmig_hwpt_dirty {
+	int iommufd;      /* not owned */
+	uint32_t hwpt_id; /* the dirty-tracking HWPT */
+	int tracking;     /* 1 once the kernel accepted "enable" */
+};
+
+/* Allocate a dirty-tracking HWPT over IOAS ioas_id for device dev_id (a
+ * device bound to iommufd, whose IOMMU must support dirty tracking:
+ * -EOPNOTSUPP otherwise). Tracking starts off. */
+int devmig_hwpt_dirty_alloc(int iommufd, uint32_t dev_id, uint32_t ioas_id,
+			    struct devmig_hwpt_dirty *t);
+int devmig_hwpt_dirty_start(struct devmig_hwpt_dirty *t);
+int devmig_hwpt_dirty_stop(struct devmig_hwpt_dirty *t);
+/* The dirty pages of [iova, iova + length) at page_size (a power of two;
+ * iova and length multiples of it) into bitmap (nwords 64-bit words, at
+ * least length / page_size bits), zeroed first. clear: also clear what was
+ * read (the next read reports only newer writes); else leave it (NO_CLEAR).
+ * -ENODATA while tracking is off (the kernel would say "clean"), -EINVAL
+ * for a misaligned range, -ENOSPC for a short bitmap. */
+int devmig_hwpt_dirty_read(struct devmig_hwpt_dirty *t, uint64_t iova, uint64_t length,
+			   uint64_t page_size, uint64_t *bitmap, size_t nwords, int clear);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
