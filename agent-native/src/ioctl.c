@@ -417,3 +417,57 @@ int devmig_iommu_hwpt_get_dirty_bitmap(int iommufd, uint32_t hwpt_id, uint32_t f
 
 	return r < 0 ? r : 0;
 }
+
+/* ---- type1 containers: DMA mappings and dirty pages ---- */
+
+int devmig_vfio_dma_map(int container_fd, void *va, uint64_t iova, uint64_t size, uint32_t flags)
+{
+	struct devmig_vfio_iommu_type1_dma_map m = {
+		.argsz = sizeof(m), .flags = flags, .vaddr = (uint64_t)(uintptr_t)va, .iova = iova, .size = size
+	};
+	int r = xioctl(container_fd, DEVMIG_VFIO_IOMMU_MAP_DMA, &m);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_dma_unmap(int container_fd, uint64_t iova, uint64_t size)
+{
+	struct devmig_vfio_iommu_type1_dma_unmap u = { .argsz = sizeof(u), .iova = iova, .size = size };
+	int r = xioctl(container_fd, DEVMIG_VFIO_IOMMU_UNMAP_DMA, &u);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_dirty_pages(int container_fd, uint32_t flags)
+{
+	struct devmig_vfio_iommu_type1_dirty_bitmap d = { .argsz = sizeof(d), .flags = flags };
+	int r = xioctl(container_fd, DEVMIG_VFIO_IOMMU_DIRTY_PAGES, &d);
+
+	return r < 0 ? r : 0;
+}
+
+int devmig_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+				 void *bitmap, uint64_t bitmap_bytes)
+{
+	/* The request header followed by its GET_BITMAP payload, in one
+	 * 8-byte aligned buffer. */
+	union {
+		uint64_t align;
+		uint8_t b[sizeof(struct devmig_vfio_iommu_type1_dirty_bitmap) +
+			  sizeof(struct devmig_vfio_iommu_type1_dirty_bitmap_get)];
+	} req;
+	struct devmig_vfio_iommu_type1_dirty_bitmap *d = (void *)req.b;
+	struct devmig_vfio_iommu_type1_dirty_bitmap_get g = {
+		.iova = iova,
+		.size = size,
+		.bitmap = { .pgsize = pgsize, .size = bitmap_bytes, .data = (uint64_t)(uintptr_t)bitmap },
+	};
+	int r;
+
+	memset(&req, 0, sizeof(req));
+	d->argsz = sizeof(req.b);
+	d->flags = DEVMIG_VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
+	memcpy(req.b + sizeof(*d), &g, sizeof(g));
+	r = xioctl(container_fd, DEVMIG_VFIO_IOMMU_DIRTY_PAGES, &req);
+	return r < 0 ? r : 0;
+}

@@ -41,6 +41,20 @@ int devmig_hwpt_dirty_stop(struct devmig_hwpt_dirty *t);
 int devmig_hwpt_dirty_read(struct devmig_hwpt_dirty *t, uint64_t iova, uint64_t length,
 			   uint64_t page_size, uint64_t *bitmap, size_t nwords, int clear);
 
+/* The same at a type1 container (VFIO_IOMMU_DIRTY_PAGES): tracking covers
+ * every mapping of the container; a read must cover whole mappings. Where
+ * every device of the container declared its pinned-page scope (mdevs do),
+ * only pages a device pinned are reported. */
+struct devmig_type1_dirty {
+	int container_fd; /* not owned */
+	int tracking;
+};
+int devmig_type1_dirty_start(struct devmig_type1_dirty *t);
+int devmig_type1_dirty_stop(struct devmig_type1_dirty *t);
+/* As devmig_hwpt_dirty_read; type1 always clears what it reports. */
+int devmig_type1_dirty_read(struct devmig_type1_dirty *t, uint64_t iova, uint64_t length,
+			    uint64_t page_size, uint64_t *bitmap, size_t nwords);
+
 #ifdef __cplusplus
 }
 #endif

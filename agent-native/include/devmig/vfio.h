@@ -78,6 +78,15 @@ int devmig_iommu_hwpt_set_dirty_tracking(int iommufd, uint32_t hwpt_id, int enab
 int devmig_iommu_hwpt_get_dirty_bitmap(int iommufd, uint32_t hwpt_id, uint32_t flags, uint64_t iova,
 				       uint64_t length, uint64_t page_size, void *bitmap);
 
+/* Type1 containers: DMA mappings and dirty-page tracking. Raw: see
+ * devmig_type1_dirty_* (dirty.h) for the tracker. */
+int devmig_vfio_dma_map(int container_fd, void *va, uint64_t iova, uint64_t size, uint32_t flags);
+int devmig_vfio_dma_unmap(int container_fd, uint64_t iova, uint64_t size);
+/* DEVMIG_VFIO_IOMMU_DIRTY_PAGES_FLAG_START or _STOP. */
+int devmig_vfio_dirty_pages(int container_fd, uint32_t flags);
+int devmig_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+				 void *bitmap, uint64_t bitmap_bytes);
+
 /* ---- opening a device (open.c) ----
  * What an opened device holds on to: its fd and whatever keeps its IOMMU
  * context alive (a container and group, or an iommufd and IOAS). Every

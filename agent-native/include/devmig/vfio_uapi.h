@@ -235,4 +235,43 @@ struct devmig_vfio_device_attach_iommufd_pt {
 	uint32_t pt_id; /* an IOAS or HWPT id; out: the HWPT actually attached */
 };
 
+/* ---- type1 containers: DMA mappings and dirty-page tracking ---- */
+#define DEVMIG_VFIO_IOMMU_MAP_DMA DEVMIG_VFIO_IO(13)     /* container fd */
+#define DEVMIG_VFIO_IOMMU_UNMAP_DMA DEVMIG_VFIO_IO(14)   /* container fd */
+#define DEVMIG_VFIO_IOMMU_DIRTY_PAGES DEVMIG_VFIO_IO(17) /* container fd */
+#define DEVMIG_VFIO_DMA_MAP_FLAG_READ (1u << 0)  /* the device may read it */
+#define DEVMIG_VFIO_DMA_MAP_FLAG_WRITE (1u << 1) /* the device may write it */
+struct devmig_vfio_iommu_type1_dma_map {
+	uint32_t argsz;
+	uint32_t flags;
+	uint64_t vaddr; /* process address */
+	uint64_t iova;
+	uint64_t size; /* bytes */
+};
+struct devmig_vfio_iommu_type1_dma_unmap {
+	uint32_t argsz;
+	uint32_t flags;
+	uint64_t iova;
+	uint64_t size;
+	uint8_t data[];
+};
+#define DEVMIG_VFIO_IOMMU_DIRTY_PAGES_FLAG_START (1u << 0)
+#define DEVMIG_VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP (1u << 1)
+#define DEVMIG_VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP (1u << 2)
+struct devmig_vfio_bitmap {
+	uint64_t pgsize; /* bytes per bit */
+	uint64_t size;   /* bytes of bitmap */
+	uint64_t data;   /* user pointer to the bitmap */
+};
+struct devmig_vfio_iommu_type1_dirty_bitmap {
+	uint32_t argsz;
+	uint32_t flags;
+	uint8_t data[]; /* GET_BITMAP: a struct devmig_vfio_iommu_type1_dirty_bitmap_get */
+};
+struct devmig_vfio_iommu_type1_dirty_bitmap_get {
+	uint64_t iova;
+	uint64_t size; /* of the IOVA range */
+	struct devmig_vfio_bitmap bitmap;
+};
+
 #endif
