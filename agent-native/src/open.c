@@ -23,7 +23,7 @@ __attribute__((format(printf, 5, 6))) static int fail(struct devmig_vfio_handle 
 	va_list ap;
 
 	if (why && why_len) {
-		char step[128];
+		char step[320];
 
 		va_start(ap, fmt);
 		vsnprintf(step, sizeof(step), fmt, ap);
@@ -56,7 +56,7 @@ int devmig_vfio_open_group(const char *group_path, const char *name, struct devm
 	if ((r = devmig_vfio_check_extension(h->container_fd, DEVMIG_VFIO_TYPE1v2_IOMMU)) != 1)
 		return fail(h, r < 0 ? r : -EOPNOTSUPP, why, why_len, "container without type1v2");
 	if ((r = open_rw(group_path)) < 0)
-		return fail(h, r, why, why_len, "open %.64s", group_path);
+		return fail(h, r, why, why_len, "open %.200s", group_path);
 	h->group_fd = r;
 	if ((r = devmig_vfio_group_get_status(h->group_fd, &flags)) < 0)
 		return fail(h, r, why, why_len, "VFIO_GROUP_GET_STATUS");
@@ -81,10 +81,10 @@ int devmig_vfio_open_cdev(const char *cdev_path, const char *iommufd_path,
 
 	reset_handle(h);
 	if ((r = open_rw(cdev_path)) < 0)
-		return fail(h, r, why, why_len, "open %.64s", cdev_path);
+		return fail(h, r, why, why_len, "open %.200s", cdev_path);
 	h->device_fd = r;
 	if ((r = open_rw(iommufd_path)) < 0)
-		return fail(h, r, why, why_len, "open %.64s", iommufd_path);
+		return fail(h, r, why, why_len, "open %.200s", iommufd_path);
 	h->iommufd = r;
 	/* Bind first: a cdev does nothing else until it is bound. */
 	if ((r = devmig_vfio_device_bind_iommufd(h->device_fd, h->iommufd, &h->devid)) < 0)
