@@ -50,6 +50,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   log "Debian packages: all present"
 fi
+# Debian's own 6.12 kernel test (tests/kernel/debian) builds mtty.ko against
+# the headers of the kernel that matches the installed linux-source-6.12.
+srcver=$(dpkg-query -W -f='${Version}' linux-source-6.12)
+headers="linux-headers-${srcver%%-*}+deb12-amd64"
+if ! dpkg-query -W -f='${Status}' "$headers" 2>/dev/null | grep -q "install ok installed"; then
+  log "installing $headers"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$headers"
+fi
 
 # 2. Go ---------------------------------------------------------------------
 go_ok() {

@@ -21,8 +21,11 @@
  *   load --from FILE          -> RESUMING, the verified stream, STOP ->
  *                             RUNNING; a stream that does not verify resets
  *                             the device and never runs it
- *   region-read INDEX OFFSET LEN    hex bytes of a region (trapped access)
- *   region-write INDEX OFFSET HEX   write bytes given in hex
+ *   region-read INDEX OFFSET LEN [--fifo]   hex bytes of a region (trapped
+ *                             access, one byte per access)
+ *   region-write INDEX OFFSET HEX [--fifo]  write bytes given in hex
+ *                             --fifo: every access at OFFSET, for a device
+ *                             register such as a UART's data port
  * State changes are logged on stderr as "devmig: FROM -> TO". A simulated
  * device lives only as long as the command: save and load print its
  * memory digest ("digest 0x..."), so a script compares a source's with
@@ -59,8 +62,8 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: %s (--group N --device NAME | --cdev PATH | --sim SPEC) COMMAND [ARGS]\n"
 		"commands: probe | info | state [NEW_STATE] | save --to FILE [--precopy] |\n"
-		"          load --from FILE | region-read INDEX OFFSET LEN |\n"
-		"          region-write INDEX OFFSET HEXBYTES\n"
+		"          load --from FILE | region-read INDEX OFFSET LEN [--fifo] |\n"
+		"          region-write INDEX OFFSET HEXBYTES [--fifo]\n"
 		"exit codes: 0 ok, 1 usage, 2 device error, 3 refused transition, 4 stream refused\n",
 		prog);
 }
@@ -409,11 +412,15 @@ static int region_of(struct target *t, const char *idx, struct devmig_region_inf
 static int cmd_region_rw(struct target *t, int write, int argc, char **argv)
 {
 	struct devmig_region_info ri;
-	unsigned long long off, len;
+	unsigned long long off, len, span;
 	uint8_t buf[4096];
 	char *end;
-	int rc;
+	int rc, fifo = 0;
 
+	if (argc == 4 && !strcmp(argv[3], "--fifo")) {
+		fifo = 1;
+		argc = 3;
+	}
 	if (argc != 3)
 		return fail(EXIT_USAGE, "%s INDEX OFFSET %s", write ? "region-write" : "region-read",
 			    write ? "HEXBYTES" : "LEN");
@@ -442,16 +449,17 @@ static int cmd_region_rw(struct target *t, int write, int argc, char **argv)
 	rc = region_of(t, argv[0], &ri);
 	if (rc)
 		return rc;
-	if (off + len > ri.size || off + len < off) {
+	span = fifo ? 1 : len;
+	if (off + span > ri.size || off + span < off) {
 		devmig_region_info_free(&ri);
-		return fail(EXIT_USAGE, "0x%llx+%llu is outside the region (size 0x%llx)", off, len,
+		return fail(EXIT_USAGE, "0x%llx+%llu is outside the region (size 0x%llx)", off, span,
 			    (unsigned long long)ri.size);
 	}
 	/* One access per byte, as a guest driver touches device registers:
 	 * some devices (mtty's UART) act on every access. */
 	for (unsigned long long i = 0; i < len; i++) {
-		ssize_t n = write ? pwrite(t->h.device_fd, buf + i, 1, (off_t)(ri.offset + off + i))
-				  : pread(t->h.device_fd, buf + i, 1, (off_t)(ri.offset + off + i));
+		off_t at = (off_t)(ri.offset + off + (fifo ? 0 : i));
+		ssize_t n = write ? pwrite(t->h.device_fd, buf + i, 1, at) : pread(t->h.device_fd, buf + i, 1, at);
 
 		if (n != 1) {
 			devmig_region_info_free(&ri);
