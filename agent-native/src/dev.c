@@ -180,6 +180,16 @@ static ssize_t vfio_data_write(struct devmig_dev *d, int data_fd, const void *bu
 	return n < 0 ? -errno : n;
 }
 
+static int vfio_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri)
+{
+	return devmig_vfio_get_region_info(d->fd, index, ri);
+}
+
+int devmig_dev_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri)
+{
+	return d->ops->region_info ? d->ops->region_info(d, index, ri) : -ENOTTY;
+}
+
 static void vfio_destroy(struct devmig_dev *d)
 {
 	close(d->fd);
@@ -187,6 +197,7 @@ static void vfio_destroy(struct devmig_dev *d)
 
 static const struct devmig_dev_ops vfio_ops = {
 	.kind = "vfio",
+	.region_info = vfio_region_info,
 	.mig_flags = vfio_mig_flags,
 	.get_state = vfio_get_state,
 	.set_state = vfio_set_state,

@@ -8,6 +8,7 @@
 #include <sys/types.h>
 
 #include "devmig/devmig.h"
+#include "devmig/vfio.h"
 
 /* What a device backend provides. Each op is one device operation with the
  * kernel's semantics and returns 0/positive or -errno; the state machine
@@ -27,6 +28,8 @@ struct devmig_dev_ops {
 	ssize_t (*data_read)(struct devmig_dev *d, int data_fd, void *buf, size_t len);
 	ssize_t (*data_write)(struct devmig_dev *d, int data_fd, const void *buf, size_t len);
 	void (*destroy)(struct devmig_dev *d);
+	/* Region info with its capabilities as the device states them now. */
+	int (*region_info)(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
 };
 
 struct devmig_dev {

@@ -36,6 +36,9 @@ struct devmig_sim_config {
 	 * as the uAPI documents it (mlx5, virtio). */
 	int precopy_end_enomsg;
 	struct devmig_dev_desc desc; /* all zero: 1b36:0001 "devmig-sim" */
+	/* Guest memory the device's DMA engine writes (see the BAR below);
+	 * 0 means 1 MiB. */
+	uint64_t guest_mem_size;
 };
 
 int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev **out);
@@ -72,8 +75,51 @@ struct devmig_sim_stats {
 	int last_path_len;
 	uint64_t pages_dirtied;   /* by the workload, since open */
 	uint64_t loads;           /* RESUMING -> STOP that installed memory */
+	/* The BAR (below), since open. */
+	uint64_t missed_traps;    /* mapped accesses to pages the device required trapped */
+	uint64_t dma_ops;         /* DMAs the device ran */
+	uint64_t dma_pages;       /* guest pages those DMAs wrote */
+	uint64_t dma_deferred;    /* DMA requests while quiesced (not run) */
 };
 int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st);
+
+/* ---- the BAR, its DMA engine and trap-based dirty logging ----
+ * Region DEVMIG_SIM_BAR_INDEX, 64 KiB, 8-byte registers. Page 0 (control)
+ * is never mappable. Page 1 holds the DMA registers: writing DMA_GO makes
+ * the device write guest memory [DMA_ADDR, DMA_ADDR + DMA_LEN) (whole
+ * 4 KiB pages, clipped to the guest memory). Page 1 is mappable while the
+ * device runs normally and must be trapped in PRE_COPY, PRE_COPY_P2P,
+ * STOP_COPY and RUNNING_P2P: there the region's sparse-mmap capability
+ * leaves it out, the re-evaluate eventfd fires, and the device logs the
+ * guest pages of every DMA it was asked for through a trap. Pages 2-15 are
+ * always mappable. The device starts DMA only in RUNNING and PRE_COPY;
+ * quiesced (the P2P states) it still answers register accesses. */
+#define DEVMIG_SIM_BAR_INDEX 0u
+#define DEVMIG_SIM_BAR_SIZE 0x10000u
+#define DEVMIG_SIM_REG_DMA_ADDR 0x1000u /* guest address, bytes */
+#define DEVMIG_SIM_REG_DMA_LEN 0x1008u  /* bytes */
+#define DEVMIG_SIM_REG_DMA_GO 0x1010u   /* write: run the DMA */
+#define DEVMIG_SIM_REG_SCRATCH 0x2000u  /* a plain register, always mappable */
+/* One 8-byte register access at off: mapped != 0 for an access through the
+ * VMM's mmap of the BAR (a vCPU's load or store), 0 for a trapped one
+ * (through the device fd). A mapped access to a page the device requires
+ * trapped now is counted in missed_traps, and a DMA it starts is not
+ * logged. -EINVAL for an unaligned or out-of-range offset, -EFAULT for a
+ * mapped access to page 0. Safe from any thread. */
+int devmig_sim_bar_access(struct devmig_dev *d, int mapped, int write, uint64_t off, uint64_t *val);
+/* The eventfd the device signals when its sparse-mmap areas change (the
+ * "re-evaluate" hint); owned by the device. -errno when the kernel has no
+ * eventfd (the device then offers no hint, as many real ones do not). */
+int devmig_sim_reeval_eventfd(struct devmig_dev *d);
+/* Guest memory (owned by the device) and its size in bytes. */
+int devmig_sim_guest_mem(struct devmig_dev *d, uint8_t **mem, uint64_t *size);
+/* Take (and clear) the guest pages written by DMA (DEVMIG_SIM_DIRTY_DMA,
+ * the ground truth) or logged by the device through traps
+ * (DEVMIG_SIM_DIRTY_LOGGED) since the last take, as a bitmap of nwords
+ * words (bit i = guest page i). -ENOSPC when short. */
+#define DEVMIG_SIM_DIRTY_DMA 0
+#define DEVMIG_SIM_DIRTY_LOGGED 1
+int devmig_sim_dirty_take(struct devmig_dev *d, int which, uint64_t *bitmap, uint64_t nwords);
 /* 64-bit FNV-1a digest of device memory: equal digests, equal memory. */
 int devmig_sim_mem_digest(struct devmig_dev *d, uint64_t *digest);
 

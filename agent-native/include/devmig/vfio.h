@@ -87,6 +87,12 @@ int devmig_vfio_dirty_pages(int container_fd, uint32_t flags);
 int devmig_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
 				 void *bitmap, uint64_t bitmap_bytes);
 
+/* Region info of an opened device, real (VFIO_DEVICE_GET_REGION_INFO) or
+ * simulated, read now: the sparse-mmap areas may differ from one state to
+ * the next. Free with devmig_region_info_free. */
+struct devmig_dev;
+int devmig_dev_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
+
 /* ---- opening a device (open.c) ----
  * What an opened device holds on to: its fd and whatever keeps its IOMMU
  * context alive (a container and group, or an iommufd and IOAS). Every

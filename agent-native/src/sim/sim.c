@@ -5,6 +5,7 @@
  * per session, PRE_COPY info, and validation of resumed data. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +14,9 @@
 #include <unistd.h>
 
 #include "devmig/sim.h"
+#include "devmig/vfio.h"
 #include "../internal.h"
+#include "sim_bar.h"
 
 #define PAGE DEVMIG_SIM_PAGE_SIZE
 /* Stream layout, little-endian as the host (the sim never crosses hosts). */
@@ -61,6 +64,7 @@ struct sim {
 	uint64_t corrupt_at;
 
 	struct devmig_sim_stats st;
+	struct sim_bar bar; /* the BAR, DMA engine and trap logging (sim_bar.c) */
 };
 
 static const struct devmig_dev_ops sim_ops;
@@ -95,6 +99,13 @@ static uint64_t rng_next(struct sim *s)
 	s->rng ^= s->rng >> 7;
 	s->rng ^= s->rng << 17;
 	return s->rng;
+}
+
+/* Every state change goes through here, so the BAR follows the device. */
+static void set_st(struct sim *s, uint32_t st)
+{
+	s->state = st;
+	sim_bar_set_state(&s->bar, st);
 }
 
 static bool running(uint32_t st)
@@ -371,7 +382,7 @@ static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
 	if (s->arc_fault && s->fault_from == from && s->fault_to == to) {
 		if (s->fault_to_error) {
 			end_session(s);
-			s->state = DEVMIG_STATE_ERROR;
+			set_st(s, DEVMIG_STATE_ERROR);
 		}
 		return -s->fault_err;
 	}
@@ -404,7 +415,7 @@ static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
 		r = load(s);
 		end_session(s);
 		if (r < 0) {
-			s->state = DEVMIG_STATE_ERROR;
+			set_st(s, DEVMIG_STATE_ERROR);
 			return r;
 		}
 	} else if ((from == SC && to == S) || (from == PC && to == R) || (from == PP && to == RP)) {
@@ -419,7 +430,7 @@ static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
 		*new_fd = -1;
 		return r;
 	}
-	s->state = to;
+	set_st(s, to);
 	return 0;
 }
 
@@ -475,7 +486,7 @@ static int sim_reset(struct devmig_dev *d)
 	memset(s->mem, 0, s->npages * PAGE);
 	memset(s->dirty, 0, s->npages);
 	s->ndirty = 0;
-	s->state = DEVMIG_STATE_RUNNING;
+	set_st(s, DEVMIG_STATE_RUNNING);
 	return 0;
 }
 
@@ -576,13 +587,17 @@ static void sim_destroy(struct devmig_dev *d)
 	struct sim *s = d->priv;
 
 	end_session(s);
+	sim_bar_destroy(&s->bar);
 	free(s->mem);
 	free(s->dirty);
 	free(s);
 }
 
+static int sim_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
+
 static const struct devmig_dev_ops sim_ops = {
 	.kind = "sim",
+	.region_info = sim_region_info,
 	.mig_flags = sim_mig_flags,
 	.get_state = sim_get_state,
 	.set_state = sim_set_state,
@@ -610,6 +625,7 @@ int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev *
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
+	s->bar.reeval_efd = -1;
 	s->npages = (size + PAGE - 1) / PAGE;
 	if (s->npages > MAX_PAGES) {
 		free(s);
@@ -619,13 +635,14 @@ int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev *
 	s->dirty_per_mib = cfg->dirty_pages_per_mib;
 	s->end_enomsg = cfg->precopy_end_enomsg != 0;
 	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* non-zero (xorshift's fixed point is 0): 2^64 / golden ratio */
-	s->state = DEVMIG_STATE_RUNNING;
+	set_st(s, DEVMIG_STATE_RUNNING);
 	s->sess_fd = -1;
 	s->mem = malloc(s->npages * PAGE);
 	s->dirty = calloc(s->npages, 1);
-	if (!s->mem || !s->dirty) {
+	if (!s->mem || !s->dirty || sim_bar_init(&s->bar, cfg->guest_mem_size, DEVMIG_STATE_RUNNING) < 0) {
 		free(s->mem);
 		free(s->dirty);
+		sim_bar_destroy(&s->bar);
 		free(s);
 		return -ENOMEM;
 	}
@@ -728,6 +745,87 @@ int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st)
 	if (!s)
 		return -ENODEV;
 	*st = s->st;
+	pthread_mutex_lock(&s->bar.mu);
+	st->missed_traps = s->bar.missed_traps;
+	st->dma_ops = s->bar.dma_ops;
+	st->dma_pages = s->bar.dma_pages;
+	st->dma_deferred = s->bar.dma_deferred;
+	pthread_mutex_unlock(&s->bar.mu);
+	return 0;
+}
+
+int devmig_sim_bar_access(struct devmig_dev *d, int mapped, int write, uint64_t off, uint64_t *val)
+{
+	struct sim *s = to_sim(d);
+
+	return s ? sim_bar_access(&s->bar, mapped, write, off, val) : -ENODEV;
+}
+
+int devmig_sim_reeval_eventfd(struct devmig_dev *d)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	return s->bar.reeval_efd >= 0 ? s->bar.reeval_efd : s->bar.reeval_err;
+}
+
+int devmig_sim_guest_mem(struct devmig_dev *d, uint8_t **mem, uint64_t *size)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
+	*mem = s->bar.guest;
+	*size = s->bar.guest_pages * PAGE;
+	return 0;
+}
+
+int devmig_sim_dirty_take(struct devmig_dev *d, int which, uint64_t *bitmap, uint64_t nwords)
+{
+	struct sim *s = to_sim(d);
+	uint8_t *src;
+
+	if (!s)
+		return -ENODEV;
+	if (which != DEVMIG_SIM_DIRTY_DMA && which != DEVMIG_SIM_DIRTY_LOGGED)
+		return -EINVAL;
+	if (nwords < (s->bar.guest_pages + 63) / 64)
+		return -ENOSPC;
+	memset(bitmap, 0, nwords * 8);
+	pthread_mutex_lock(&s->bar.mu);
+	src = which == DEVMIG_SIM_DIRTY_DMA ? s->bar.dma_written : s->bar.trap_logged;
+	for (uint64_t p = 0; p < s->bar.guest_pages; p++)
+		if (src[p]) {
+			bitmap[p / 64] |= 1ULL << (p % 64);
+			src[p] = 0;
+		}
+	pthread_mutex_unlock(&s->bar.mu);
+	return 0;
+}
+
+/* The BAR's region info, its sparse-mmap capability as the device states
+ * it now. */
+static int sim_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri)
+{
+	struct sim *s = d->priv;
+	struct devmig_vfio_region_sparse_mmap_area a[2];
+	uint32_t n;
+
+	if (index != DEVMIG_SIM_BAR_INDEX)
+		return -EINVAL;
+	n = sim_bar_sparse(&s->bar, a);
+	memset(ri, 0, sizeof(*ri));
+	ri->index = index;
+	ri->flags = DEVMIG_VFIO_REGION_INFO_FLAG_READ | DEVMIG_VFIO_REGION_INFO_FLAG_WRITE |
+		    DEVMIG_VFIO_REGION_INFO_FLAG_MMAP | DEVMIG_VFIO_REGION_INFO_FLAG_CAPS;
+	ri->size = DEVMIG_SIM_BAR_SIZE;
+	ri->has_sparse = 1;
+	ri->nr_sparse = n;
+	ri->sparse = malloc(n * sizeof(*ri->sparse));
+	if (!ri->sparse)
+		return -ENOMEM;
+	memcpy(ri->sparse, a, n * sizeof(*a));
 	return 0;
 }
 
