@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "devmig/dirty.h"
 #include "devmig/vfio.h"
 #include "internal.h"
 
@@ -190,6 +191,65 @@ int devmig_dev_region_info(struct devmig_dev *d, uint32_t index, struct devmig_r
 	return d->ops->region_info ? d->ops->region_info(d, index, ri) : -ENOTTY;
 }
 
+static int vfio_dma_log_start(struct devmig_dev *d, const struct devmig_vfio_device_feature_dma_logging_range *r,
+			      uint32_t n, uint64_t *page_size)
+{
+	return devmig_vfio_dma_logging_start(d->fd, r, n, page_size);
+}
+
+static int vfio_dma_log_stop(struct devmig_dev *d)
+{
+	return devmig_vfio_dma_logging_stop(d->fd);
+}
+
+static int vfio_dma_log_report(struct devmig_dev *d, uint64_t iova, uint64_t length, uint64_t page_size,
+			       uint64_t *bitmap)
+{
+	return devmig_vfio_dma_logging_report(d->fd, iova, length, page_size, bitmap);
+}
+
+int devmig_dma_log_start(struct devmig_dev *d, const struct devmig_vfio_device_feature_dma_logging_range *r,
+			 uint32_t n, uint64_t *page_size)
+{
+	int rc;
+
+	if (!d->ops->dma_log_start)
+		return -ENOTTY;
+	rc = d->ops->dma_log_start(d, r, n, page_size);
+	if (rc == 0)
+		d->dma_logging = true; /* recorded only once the device accepted it */
+	return rc;
+}
+
+int devmig_dma_log_stop(struct devmig_dev *d)
+{
+	int rc;
+
+	if (!d->ops->dma_log_stop)
+		return -ENOTTY;
+	rc = d->ops->dma_log_stop(d);
+	if (rc == 0)
+		d->dma_logging = false;
+	return rc;
+}
+
+int devmig_dma_log_report(struct devmig_dev *d, uint64_t iova, uint64_t length, uint64_t page_size,
+			  uint64_t *bitmap, size_t nwords)
+{
+	if (!d->ops->dma_log_report)
+		return -ENOTTY;
+	/* The uAPI's minimum report granularity is 4 KiB. */
+	if (page_size < 4096 || (page_size & (page_size - 1)) || !length || iova % page_size ||
+	    length % page_size)
+		return -EINVAL;
+	if ((uint64_t)nwords < (length / page_size + 63) / 64)
+		return -ENOSPC;
+	if (!d->dma_logging)
+		return -ENODATA; /* no log to read: never report "clean" */
+	memset(bitmap, 0, nwords * sizeof(*bitmap));
+	return d->ops->dma_log_report(d, iova, length, page_size, bitmap);
+}
+
 static void vfio_destroy(struct devmig_dev *d)
 {
 	close(d->fd);
@@ -198,6 +258,9 @@ static void vfio_destroy(struct devmig_dev *d)
 static const struct devmig_dev_ops vfio_ops = {
 	.kind = "vfio",
 	.region_info = vfio_region_info,
+	.dma_log_start = vfio_dma_log_start,
+	.dma_log_stop = vfio_dma_log_stop,
+	.dma_log_report = vfio_dma_log_report,
 	.mig_flags = vfio_mig_flags,
 	.get_state = vfio_get_state,
 	.set_state = vfio_set_state,

@@ -192,6 +192,9 @@ int devmig_reset(struct devmig_dev *d)
 	devmig_dev_end_session(d);
 	d->state = DEVMIG_STATE_RUNNING;
 	d->poisoned = false;
+	/* A log kept across a reset cannot be trusted: the caller starts
+	 * logging again (the simulated device ends it on reset). */
+	d->dma_logging = false;
 	return 0;
 }
 

@@ -30,6 +30,13 @@ struct devmig_dev_ops {
 	void (*destroy)(struct devmig_dev *d);
 	/* Region info with its capabilities as the device states them now. */
 	int (*region_info)(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
+	/* Device DMA logging, with the kernel's semantics (report only sets
+	 * bits and clears what it reported). */
+	int (*dma_log_start)(struct devmig_dev *d, const struct devmig_vfio_device_feature_dma_logging_range *r,
+			     uint32_t n, uint64_t *page_size);
+	int (*dma_log_stop)(struct devmig_dev *d);
+	int (*dma_log_report)(struct devmig_dev *d, uint64_t iova, uint64_t length, uint64_t page_size,
+			      uint64_t *bitmap);
 };
 
 struct devmig_dev {
@@ -40,6 +47,7 @@ struct devmig_dev {
 	uint32_t state; /* last state the device confirmed */
 	int data_fd;    /* open data session, or -1 */
 	bool poisoned;
+	bool dma_logging; /* the device accepted a DMA logging start */
 	struct devmig_dev_desc desc;
 	devmig_log_fn log;
 	void *log_ctx;

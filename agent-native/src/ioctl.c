@@ -19,10 +19,11 @@ static int xioctl(int fd, unsigned long req, void *arg)
 }
 
 /* A VFIO_DEVICE_FEATURE request: the 8-byte header and up to 16 bytes of
- * payload (the largest fixed payload devmig sends is 8 bytes; 16 leaves
+ * payload (the largest fixed payload devmig sends is the 32-byte DMA
+ * logging report; the rest are 8 to 24 bytes; 32 bytes, no more, leaves
  * room), 8-byte aligned because the payloads hold __aligned_u64. */
 #define FEATURE_HDR sizeof(struct devmig_vfio_device_feature)
-#define FEATURE_MAX_PAYLOAD 16
+#define FEATURE_MAX_PAYLOAD 32
 
 static int feature(int fd, uint32_t flags, void *payload, size_t len)
 {
@@ -470,4 +471,40 @@ int devmig_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size,
 	memcpy(req.b + sizeof(*d), &g, sizeof(g));
 	r = xioctl(container_fd, DEVMIG_VFIO_IOMMU_DIRTY_PAGES, &req);
 	return r < 0 ? r : 0;
+}
+
+/* ---- device DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_*) ---- */
+
+int devmig_vfio_dma_logging_start(int fd, const struct devmig_vfio_device_feature_dma_logging_range *ranges,
+				  uint32_t n, uint64_t *page_size)
+{
+	struct devmig_vfio_device_feature_dma_logging_control c = {
+		.page_size = *page_size,
+		.num_ranges = n,
+		.ranges = (uint64_t)(uintptr_t)ranges,
+	};
+	int r = feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_SET | DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_START, &c,
+			sizeof(c));
+
+	if (r == 0)
+		*page_size = c.page_size; /* the granularity the device chose */
+	return r;
+}
+
+int devmig_vfio_dma_logging_stop(int fd)
+{
+	return feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_SET | DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, NULL, 0);
+}
+
+int devmig_vfio_dma_logging_report(int fd, uint64_t iova, uint64_t length, uint64_t page_size, void *bitmap)
+{
+	struct devmig_vfio_device_feature_dma_logging_report rep = {
+		.iova = iova,
+		.length = length,
+		.page_size = page_size,
+		.bitmap = (uint64_t)(uintptr_t)bitmap,
+	};
+
+	return feature(fd, DEVMIG_VFIO_DEVICE_FEATURE_GET | DEVMIG_VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, &rep,
+		       sizeof(rep));
 }

@@ -55,6 +55,25 @@ int devmig_type1_dirty_stop(struct devmig_type1_dirty *t);
 int devmig_type1_dirty_read(struct devmig_type1_dirty *t, uint64_t iova, uint64_t length,
 			    uint64_t page_size, uint64_t *bitmap, size_t nwords);
 
+/* Device DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_*), on a real VFIO
+ * device or the simulated one: the device itself records the pages its
+ * DMA writes inside the given IOVA ranges. start: *page_size in as a hint
+ * (a power of two), out as the device chose; one start at a time (a second
+ * is -EBUSY on the simulated device). -ENOTTY when the device has no DMA
+ * logging. A reset ends logging. */
+struct devmig_dev;
+struct devmig_vfio_device_feature_dma_logging_range;
+int devmig_dma_log_start(struct devmig_dev *d, const struct devmig_vfio_device_feature_dma_logging_range *r,
+			 uint32_t n, uint64_t *page_size);
+int devmig_dma_log_stop(struct devmig_dev *d);
+/* The logged pages of [iova, iova + length) at page_size (>= 4 KiB, a power
+ * of two, iova and length multiples of it), read and cleared, into bitmap
+ * (zeroed first: the device only sets bits). -ENODATA while logging is off
+ * (no log to read), -EINVAL / -ENOSPC for a bad request. Any other error
+ * means the log is lost: treat all memory as dirty. */
+int devmig_dma_log_report(struct devmig_dev *d, uint64_t iova, uint64_t length, uint64_t page_size,
+			  uint64_t *bitmap, size_t nwords);
+
 #ifdef __cplusplus
 }
 #endif

@@ -93,6 +93,13 @@ int devmig_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size,
 struct devmig_dev;
 int devmig_dev_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
 
+/* Device DMA logging. start: *page_size in as a hint, out as chosen. The
+ * report only sets bits: zero the bitmap first (devmig_dma_log_report). */
+int devmig_vfio_dma_logging_start(int fd, const struct devmig_vfio_device_feature_dma_logging_range *ranges,
+				  uint32_t n, uint64_t *page_size);
+int devmig_vfio_dma_logging_stop(int fd);
+int devmig_vfio_dma_logging_report(int fd, uint64_t iova, uint64_t length, uint64_t page_size, void *bitmap);
+
 /* ---- opening a device (open.c) ----
  * What an opened device holds on to: its fd and whatever keeps its IOMMU
  * context alive (a container and group, or an iommufd and IOAS). Every

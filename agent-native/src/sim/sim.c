@@ -486,6 +486,7 @@ static int sim_reset(struct devmig_dev *d)
 	memset(s->mem, 0, s->npages * PAGE);
 	memset(s->dirty, 0, s->npages);
 	s->ndirty = 0;
+	sim_bar_reset(&s->bar);
 	set_st(s, DEVMIG_STATE_RUNNING);
 	return 0;
 }
@@ -595,9 +596,29 @@ static void sim_destroy(struct devmig_dev *d)
 
 static int sim_region_info(struct devmig_dev *d, uint32_t index, struct devmig_region_info *ri);
 
+static int sim_dma_log_start(struct devmig_dev *d, const struct devmig_vfio_device_feature_dma_logging_range *r,
+			     uint32_t n, uint64_t *page_size)
+{
+	return sim_bar_log_start(&((struct sim *)d->priv)->bar, r, n, page_size);
+}
+
+static int sim_dma_log_stop(struct devmig_dev *d)
+{
+	return sim_bar_log_stop(&((struct sim *)d->priv)->bar);
+}
+
+static int sim_dma_log_report(struct devmig_dev *d, uint64_t iova, uint64_t length, uint64_t page_size,
+			      uint64_t *bitmap)
+{
+	return sim_bar_log_report(&((struct sim *)d->priv)->bar, iova, length, page_size, bitmap);
+}
+
 static const struct devmig_dev_ops sim_ops = {
 	.kind = "sim",
 	.region_info = sim_region_info,
+	.dma_log_start = sim_dma_log_start,
+	.dma_log_stop = sim_dma_log_stop,
+	.dma_log_report = sim_dma_log_report,
 	.mig_flags = sim_mig_flags,
 	.get_state = sim_get_state,
 	.set_state = sim_set_state,

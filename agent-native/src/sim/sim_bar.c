@@ -49,11 +49,12 @@ int sim_bar_init(struct sim_bar *b, uint64_t guest_size, uint32_t state)
 	b->guest = calloc(b->guest_pages, GUEST_PAGE);
 	b->dma_written = calloc(b->guest_pages, 1);
 	b->trap_logged = calloc(b->guest_pages, 1);
+	b->dma_logged = calloc(b->guest_pages, 1);
 	/* The re-evaluate hint is optional, as on real devices: a kernel
 	 * without eventfd (a minimal guest) gets a device without it. */
 	b->reeval_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	b->reeval_err = b->reeval_efd < 0 ? -errno : 0;
-	if (!b->guest || !b->dma_written || !b->trap_logged) {
+	if (!b->guest || !b->dma_written || !b->trap_logged || !b->dma_logged) {
 		sim_bar_destroy(b);
 		return -ENOMEM;
 	}
@@ -67,6 +68,8 @@ void sim_bar_destroy(struct sim_bar *b)
 	free(b->guest);
 	free(b->dma_written);
 	free(b->trap_logged);
+	free(b->dma_logged);
+	b->dma_logged = NULL;
 	if (b->reeval_efd >= 0)
 		close(b->reeval_efd);
 	b->guest = b->dma_written = b->trap_logged = NULL;
@@ -135,6 +138,13 @@ static void dma(struct sim_bar *b, int logged)
 		b->dma_written[p] = 1;
 		if (logged)
 			b->trap_logged[p] = 1;
+		/* DMA logging sees every write the device makes in its ranges,
+		 * whichever way the DMA was requested. */
+		if (b->log_on)
+			for (uint32_t i = 0; i < b->log_n; i++)
+				if (p * GUEST_PAGE >= b->log_ranges[i].iova &&
+				    p * GUEST_PAGE < b->log_ranges[i].iova + b->log_ranges[i].length)
+					b->dma_logged[p] = 1;
 		b->dma_pages++;
 	}
 }
@@ -172,4 +182,79 @@ int sim_bar_access(struct sim_bar *b, int mapped, int write, uint64_t off, uint6
 	}
 	pthread_mutex_unlock(&b->mu);
 	return 0;
+}
+
+/* ---- device DMA logging ---- */
+
+int sim_bar_log_start(struct sim_bar *b, const struct devmig_vfio_device_feature_dma_logging_range *r,
+		      uint32_t n, uint64_t *page_size)
+{
+	/* The kernel core's checks, in its order: a power-of-two page size,
+	 * one to SIM_LOG_MAX_RANGES ranges, none wrapping or overlapping. */
+	if (!*page_size || (*page_size & (*page_size - 1)) || !n)
+		return -EINVAL;
+	if (n > SIM_LOG_MAX_RANGES)
+		return -E2BIG;
+	for (uint32_t i = 0; i < n; i++) {
+		if (!r[i].length || r[i].iova + r[i].length < r[i].iova)
+			return -EOVERFLOW;
+		for (uint32_t j = 0; j < i; j++)
+			if (r[i].iova < r[j].iova + r[j].length && r[j].iova < r[i].iova + r[i].length)
+				return -EINVAL;
+	}
+	pthread_mutex_lock(&b->mu);
+	if (b->log_on) {
+		pthread_mutex_unlock(&b->mu);
+		return -EBUSY; /* one start at a time */
+	}
+	memcpy(b->log_ranges, r, n * sizeof(*r));
+	b->log_n = n;
+	b->log_on = 1;
+	memset(b->dma_logged, 0, b->guest_pages);
+	pthread_mutex_unlock(&b->mu);
+	/* The device logs at its own 4 KiB page, whatever the hint. */
+	*page_size = GUEST_PAGE;
+	return 0;
+}
+
+int sim_bar_log_stop(struct sim_bar *b)
+{
+	pthread_mutex_lock(&b->mu);
+	b->log_on = 0;
+	pthread_mutex_unlock(&b->mu);
+	return 0;
+}
+
+int sim_bar_log_report(struct sim_bar *b, uint64_t iova, uint64_t length, uint64_t page_size,
+		       uint64_t *bitmap)
+{
+	if (page_size < GUEST_PAGE || (page_size & (page_size - 1)))
+		return -EINVAL;
+	if (iova + length < iova)
+		return -EOVERFLOW;
+	pthread_mutex_lock(&b->mu);
+	if (!b->log_on) {
+		pthread_mutex_unlock(&b->mu);
+		return -EINVAL; /* "If DMA logging is not enabled, an error will be returned" */
+	}
+	/* Only set bits; clear what was reported (read and clear). A report
+	 * unit is dirty when any 4 KiB page inside it is. */
+	for (uint64_t a = iova; a < iova + length; a += GUEST_PAGE) {
+		uint64_t p = a / GUEST_PAGE, bit = (a - iova) / page_size;
+
+		if (p < b->guest_pages && b->dma_logged[p]) {
+			bitmap[bit / 64] |= 1ULL << (bit % 64);
+			b->dma_logged[p] = 0;
+		}
+	}
+	pthread_mutex_unlock(&b->mu);
+	return 0;
+}
+
+void sim_bar_reset(struct sim_bar *b)
+{
+	pthread_mutex_lock(&b->mu);
+	b->log_on = 0;
+	memset(b->regs, 0, sizeof(b->regs));
+	pthread_mutex_unlock(&b->mu);
 }
