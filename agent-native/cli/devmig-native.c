@@ -24,6 +24,13 @@
  *   region-read INDEX OFFSET LEN [--fifo]   hex bytes of a region (trapped
  *                             access, one byte per access)
  *   region-write INDEX OFFSET HEX [--fifo]  write bytes given in hex
+ *   dirty --iova A --length L [--page-size P] [--seconds S]
+ *                             device DMA logging over [A, A+L): start, wait
+ *                             S seconds (default 1), report the dirty pages
+ *                             as "FIRST_PAGE COUNT" runs, stop. One command:
+ *                             a device's DMA log lives only while it is
+ *                             open, so start, report and stop cannot be
+ *                             separate processes
  *                             --fifo: every access at OFFSET, for a device
  *                             register such as a UART's data port
  * State changes are logged on stderr as "devmig: FROM -> TO". A simulated
@@ -48,7 +55,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "devmig/bitmap.h"
 #include "devmig/devmig.h"
+#include "devmig/dirty.h"
 #include "devmig/sim.h"
 #include "devmig/stream.h"
 #include "devmig/vfio.h"
@@ -63,7 +72,8 @@ static void usage(void)
 		"usage: %s (--group N --device NAME | --cdev PATH | --sim SPEC) COMMAND [ARGS]\n"
 		"commands: probe | info | state [NEW_STATE] | save --to FILE [--precopy] |\n"
 		"          load --from FILE | region-read INDEX OFFSET LEN [--fifo] |\n"
-		"          region-write INDEX OFFSET HEXBYTES [--fifo]\n"
+		"          region-write INDEX OFFSET HEXBYTES [--fifo] |\n"
+		"          dirty --iova A --length L [--page-size P] [--seconds S]\n"
 		"exit codes: 0 ok, 1 usage, 2 device error, 3 refused transition, 4 stream refused\n",
 		prog);
 }
@@ -476,6 +486,67 @@ static int cmd_region_rw(struct target *t, int write, int argc, char **argv)
 	return EXIT_OK;
 }
 
+static int cmd_dirty(struct target *t, int argc, char **argv)
+{
+	struct devmig_vfio_device_feature_dma_logging_range range = { 0, 0 };
+	unsigned long long ps = 4096, secs = 1;
+	uint64_t chosen, pages, total = 0, pos = 0, *bm;
+	struct devmig_page_range runs[64];
+	size_t n;
+	int r;
+
+	for (int i = 0; i + 1 < argc; i += 2) {
+		char *end;
+		unsigned long long v = strtoull(argv[i + 1], &end, 0);
+
+		if (*end)
+			return fail(EXIT_USAGE, "dirty: bad number \"%s\"", argv[i + 1]);
+		if (!strcmp(argv[i], "--iova"))
+			range.iova = v;
+		else if (!strcmp(argv[i], "--length"))
+			range.length = v;
+		else if (!strcmp(argv[i], "--page-size"))
+			ps = v;
+		else if (!strcmp(argv[i], "--seconds"))
+			secs = v;
+		else
+			return fail(EXIT_USAGE, "dirty: unexpected \"%s\"", argv[i]);
+	}
+	if (argc % 2 || !range.length || ps < 4096 || (ps & (ps - 1)) || range.iova % ps ||
+	    range.length % ps || secs > 3600)
+		return fail(EXIT_USAGE,
+			    "dirty needs --iova and --length, multiples of --page-size (a power of two, "
+			    ">= 4096); --seconds up to 3600");
+	pages = range.length / ps;
+	bm = calloc((pages + 63) / 64, 8);
+	if (!bm)
+		return fail(EXIT_DEVICE, "out of memory for %llu pages", (unsigned long long)pages);
+	chosen = ps;
+	r = devmig_dma_log_start(t->dev, &range, 1, &chosen);
+	if (r < 0) {
+		free(bm);
+		return fail(EXIT_DEVICE, "DMA logging start: %s%s", strerror(-r),
+			    r == -ENOTTY ? " (the device has no DMA logging)" : "");
+	}
+	sleep((unsigned int)secs);
+	r = devmig_dma_log_report(t->dev, range.iova, range.length, ps, bm, (pages + 63) / 64);
+	devmig_dma_log_stop(t->dev);
+	if (r < 0) {
+		free(bm);
+		return fail(EXIT_DEVICE, "DMA logging report: %s (treat all memory as dirty)", strerror(-r));
+	}
+	printf("# device logs at %llu bytes; report at %llu; first page 0 is iova 0x%llx\n",
+	       (unsigned long long)chosen, ps, (unsigned long long)range.iova);
+	while ((n = devmig_bitmap_ranges(bm, pages, &pos, runs, 64)) > 0)
+		for (size_t i = 0; i < n; i++) {
+			printf("%llu %llu\n", (unsigned long long)runs[i].first, (unsigned long long)runs[i].count);
+			total += runs[i].count;
+		}
+	printf("# %llu of %llu pages dirty\n", (unsigned long long)total, (unsigned long long)pages);
+	free(bm);
+	return EXIT_OK;
+}
+
 int main(int argc, char **argv)
 {
 	struct target t;
@@ -518,6 +589,8 @@ int main(int argc, char **argv)
 		rc = cmd_region_rw(&t, 0, argc - i, argv + i);
 	} else if (!strcmp(cmd, "region-write")) {
 		rc = cmd_region_rw(&t, 1, argc - i, argv + i);
+	} else if (!strcmp(cmd, "dirty")) {
+		rc = cmd_dirty(&t, argc - i, argv + i);
 	} else {
 		rc = fail(EXIT_USAGE, "unknown command \"%s\"", cmd);
 		usage();
