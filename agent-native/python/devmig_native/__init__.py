@@ -21,14 +21,17 @@ __all__ = [
     "ChecksumImpl",
     "Device",
     "DevmigError",
+    "DirtySource",
     "FdKind",
     "MigFlags",
     "MigState",
     "Pump",
     "PumpProgress",
+    "RegionInfo",
     "SimDevice",
     "SimStats",
     "StreamError",
+    "VfioHandle",
     "bitmap_count",
     "bitmap_decode",
     "bitmap_encode",
@@ -39,6 +42,8 @@ __all__ = [
     "crc32c",
     "crypto_impls",
     "fsm_path",
+    "open_cdev",
+    "open_group",
     "recv_fd",
     "send_fd",
     "sha256",
@@ -199,6 +204,66 @@ def fsm_path(flags: int, from_state: int, to_state: int) -> list[MigState]:
     return [MigState(s) for s in _native.fsm_path(int(flags), int(from_state), int(to_state))]
 
 
+@dataclasses.dataclass(frozen=True)
+class RegionInfo:
+    """A device region as the device states it now (VFIO_DEVICE_GET_REGION_INFO
+    with its capability chain): ``sparse`` lists the (offset, size) areas
+    that may be mmapped; the rest of the region must be trapped."""
+
+    index: int
+    flags: int
+    size: int
+    offset: int
+    has_sparse: bool
+    sparse: list[tuple[int, int]]
+    has_type: bool
+    type: int
+    subtype: int
+
+
+@dataclasses.dataclass
+class VfioHandle:
+    """An opened VFIO device and what keeps its IOMMU context alive: a
+    group and type1 container, or an iommufd with an IOAS. The caller owns
+    every fd; close() closes them, the device first."""
+
+    device_fd: int
+    container_fd: int = -1
+    group_fd: int = -1
+    iommufd: int = -1
+    ioas_id: int = 0
+    devid: int = 0
+
+    def close(self) -> None:
+        for name in ("device_fd", "group_fd", "container_fd", "iommufd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def open_group(group_path: str, name: str) -> VfioHandle:
+    """Open device ``name`` (PCI address or mdev UUID) through its VFIO group
+    (``/dev/vfio/N``) and a new type1v2 container. DevmigError names the
+    step that failed."""
+    dev, container, group = _native.vfio_open_group(group_path, name)
+    return VfioHandle(device_fd=dev, container_fd=container, group_fd=group)
+
+
+def open_cdev(cdev_path: str, iommufd_path: str = "/dev/iommu") -> VfioHandle:
+    """Open a device through its cdev (``/dev/vfio/devices/vfioN``), bound to
+    a new iommufd and attached to a new IOAS."""
+    dev, iommufd, ioas, devid = _native.vfio_open_cdev(cdev_path, iommufd_path)
+    return VfioHandle(device_fd=dev, iommufd=iommufd, ioas_id=ioas, devid=devid)
+
+
+class DirtySource(enum.IntEnum):
+    """What SimDevice.dirty_take reads (C DEVMIG_SIM_DIRTY_*)."""
+
+    DMA = 0  # every guest page the device's DMA wrote: the ground truth
+    LOGGED = 1  # the pages the device logged through traps
+
+
 class Device:
     """A migratable device: a VFIO device fd, or the simulated device.
 
@@ -216,6 +281,27 @@ class Device:
 
     def close(self) -> None:
         self._h.close()
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Region ``index`` as the device states it now: the sparse-mmap
+        areas can change with the migration state (trap switching)."""
+        d = self._h.region_info(index)
+        return RegionInfo(**d)  # type: ignore[arg-type]
+
+    def dma_log_start(self, ranges: list[tuple[int, int]], page_size: int = 4096) -> int:
+        """Start the device's DMA logging over (iova, length) ranges;
+        returns the page size the device chose (``page_size`` is a hint).
+        DevmigError(ENOTTY) when the device has no DMA logging."""
+        return int(self._h.dma_log_start(ranges, page_size))
+
+    def dma_log_stop(self) -> None:
+        self._h.dma_log_stop()
+
+    def dma_log_report(self, iova: int, length: int, page_size: int = 4096) -> bytearray:
+        """The pages DMA wrote in [iova, iova + length) since the last report,
+        read and cleared, as a bitmap (bit i = page i from ``iova``).
+        DevmigError(ENODATA) while logging is off: never a false "clean"."""
+        return self._h.dma_log_report(iova, length, page_size)
 
     def __enter__(self) -> Self:
         return self
@@ -376,6 +462,10 @@ class SimStats:
     pages_dirtied: int
     loads: int
     mem_digest: int
+    missed_traps: int
+    dma_ops: int
+    dma_pages: int
+    dma_deferred: int
 
 
 class SimDevice(Device):
@@ -391,6 +481,7 @@ class SimDevice(Device):
         device_id: int = 0,
         driver: str | None = None,
         precopy_end_enomsg: bool = False,
+        guest_mem_size: int = 1 << 20,
     ) -> None:
         # precopy_end_enomsg: PRE_COPY's temporary end as -ENOMSG (mlx5's
         # way) instead of a read of 0 (mtty's); read() gives None for both.
@@ -403,6 +494,7 @@ class SimDevice(Device):
             device_id,
             driver,
             precopy_end_enomsg,
+            guest_mem_size,
         )
         super().__init__(handle)
 
@@ -426,6 +518,33 @@ class SimDevice(Device):
     def touch(self, page: int) -> None:
         """The running workload writes page ``page`` (4 KiB pages)."""
         self._h.sim_touch(page)
+
+    # The BAR (region 0, 64 KiB): see include/devmig/sim.h. Register offsets:
+    BAR_DMA_ADDR = 0x1000
+    BAR_DMA_LEN = 0x1008
+    BAR_DMA_GO = 0x1010
+    BAR_SCRATCH = 0x2000
+
+    def bar_write(self, offset: int, value: int, mapped: bool = False) -> None:
+        """An 8-byte register store: ``mapped`` through the VMM's mmap (a
+        vCPU), else trapped through the device. Safe from any thread, even
+        while a Pump holds the device."""
+        self._h.sim_bar_access(mapped, True, offset, value)
+
+    def bar_read(self, offset: int, mapped: bool = False) -> int:
+        return int(self._h.sim_bar_access(mapped, False, offset))
+
+    def reeval_eventfd(self) -> int:
+        """The eventfd the device signals when its sparse-mmap areas change."""
+        return int(self._h.sim_reeval_eventfd())
+
+    def guest_read(self, offset: int, length: int) -> bytes:
+        """Guest memory the device's DMA writes (a copy)."""
+        return self._h.sim_guest_read(offset, length)
+
+    def dirty_take(self, source: DirtySource) -> bytearray:
+        """Take and clear the guest pages DMA wrote, or the device logged."""
+        return self._h.sim_dirty_take(int(source))
 
     def stats(self) -> SimStats:
         st = self._h.sim_stats()

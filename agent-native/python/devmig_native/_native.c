@@ -14,6 +14,8 @@
 #include "devmig/sim.h"
 #include "devmig/pump.h"
 #include "devmig/stream.h"
+#include "devmig/dirty.h"
+#include "devmig/vfio.h"
 #include "_native_bitmap.h"
 #include "_native_fdpass.h"
 
@@ -219,8 +221,8 @@ static void fill_desc(struct devmig_dev_desc *desc, unsigned int vendor, unsigne
 static PyObject *py_open_sim(PyObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "flags", "mem_size", "dirty_pages_per_mib", "seed", "vendor_id",
-				  "device_id", "driver", "precopy_end_enomsg", NULL };
-	unsigned long long flags = 0, mem = 0, seed = 0;
+				  "device_id", "driver", "precopy_end_enomsg", "guest_mem_size", NULL };
+	unsigned long long flags = 0, mem = 0, seed = 0, guest = 0;
 	unsigned int rate = 0, vendor = 0, device = 0;
 	int enomsg = 0;
 	const char *driver = NULL;
@@ -229,8 +231,8 @@ static PyObject *py_open_sim(PyObject *self, PyObject *args, PyObject *kw)
 	int r;
 
 	(void)self;
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKIKIIzp", kwlist, &flags, &mem, &rate, &seed, &vendor,
-					 &device, &driver, &enomsg))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKIKIIzpK", kwlist, &flags, &mem, &rate, &seed, &vendor,
+					 &device, &driver, &enomsg, &guest))
 		return NULL;
 	memset(&cfg, 0, sizeof(cfg));
 	cfg.flags = flags;
@@ -238,6 +240,7 @@ static PyObject *py_open_sim(PyObject *self, PyObject *args, PyObject *kw)
 	cfg.dirty_pages_per_mib = rate;
 	cfg.seed = seed;
 	cfg.precopy_end_enomsg = enomsg;
+	cfg.guest_mem_size = guest;
 	fill_desc(&cfg.desc, vendor, device, driver);
 	r = devmig_dev_open_sim(&cfg, &d);
 	if (r < 0)
@@ -580,10 +583,253 @@ static PyObject *sim_stats(DeviceObject *self, PyObject *unused)
 		PyList_SET_ITEM(path, i, PyLong_FromUnsignedLong(st.last_path[i]));
 	if (!path)
 		return NULL;
-	return Py_BuildValue("{sKsKsNsKsKsK}", "set_state_calls", (unsigned long long)st.set_state_calls,
+	return Py_BuildValue("{sKsKsNsKsKsKsKsKsKsK}", "set_state_calls", (unsigned long long)st.set_state_calls,
 			     "reset_calls", (unsigned long long)st.reset_calls, "last_path", path,
 			     "pages_dirtied", (unsigned long long)st.pages_dirtied, "loads",
-			     (unsigned long long)st.loads, "mem_digest", (unsigned long long)dg);
+			     (unsigned long long)st.loads, "mem_digest", (unsigned long long)dg, "missed_traps",
+			     (unsigned long long)st.missed_traps, "dma_ops", (unsigned long long)st.dma_ops,
+			     "dma_pages", (unsigned long long)st.dma_pages, "dma_deferred",
+			     (unsigned long long)st.dma_deferred);
+}
+
+/* ---- regions, DMA logging, the simulated BAR ---- */
+
+static PyObject *dev_region_info(DeviceObject *self, PyObject *arg)
+{
+	struct devmig_region_info ri;
+	unsigned long idx = PyLong_AsUnsignedLong(arg);
+	PyObject *areas;
+	int r;
+
+	if (PyErr_Occurred() || !alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_dev_region_info(self->dev, (uint32_t)idx, &ri));
+	if (r < 0)
+		return dev_err(self, r);
+	areas = PyList_New(0);
+	for (uint32_t i = 0; areas && ri.has_sparse && i < ri.nr_sparse; i++) {
+		PyObject *t = Py_BuildValue("(KK)", (unsigned long long)ri.sparse[i].offset,
+					    (unsigned long long)ri.sparse[i].size);
+
+		if (!t || PyList_Append(areas, t) < 0)
+			Py_CLEAR(areas);
+		Py_XDECREF(t);
+	}
+	devmig_region_info_free(&ri);
+	if (!areas)
+		return NULL;
+	return Py_BuildValue("{sIsIsKsKsOsNsOsIsI}", "index", ri.index, "flags", ri.flags, "size",
+			     (unsigned long long)ri.size, "offset", (unsigned long long)ri.offset, "has_sparse",
+			     ri.has_sparse ? Py_True : Py_False, "sparse", areas, "has_type",
+			     ri.has_type ? Py_True : Py_False, "type", ri.type, "subtype", ri.subtype);
+}
+
+static PyObject *dev_dma_log_start(DeviceObject *self, PyObject *args)
+{
+	struct devmig_vfio_device_feature_dma_logging_range *rg;
+	unsigned long long ps;
+	PyObject *list, *seq;
+	Py_ssize_t n;
+	int r;
+
+	if (!PyArg_ParseTuple(args, "OK", &list, &ps) || !alive(self))
+		return NULL;
+	seq = PySequence_Fast(list, "ranges: a sequence of (iova, length)");
+	if (!seq)
+		return NULL;
+	n = PySequence_Fast_GET_SIZE(seq);
+	rg = PyMem_Calloc(n ? (size_t)n : 1, sizeof(*rg));
+	if (!rg) {
+		Py_DECREF(seq);
+		return PyErr_NoMemory();
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		unsigned long long iova, len;
+
+		if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &iova, &len)) {
+			PyMem_Free(rg);
+			Py_DECREF(seq);
+			return NULL;
+		}
+		rg[i].iova = iova;
+		rg[i].length = len;
+	}
+	Py_DECREF(seq);
+	uint64_t page = ps;
+	LOCKED(self, r = devmig_dma_log_start(self->dev, rg, (uint32_t)n, &page));
+	PyMem_Free(rg);
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromUnsignedLongLong(page);
+}
+
+static PyObject *dev_dma_log_stop(DeviceObject *self, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	LOCKED(self, r = devmig_dma_log_stop(self->dev));
+	if (r < 0)
+		return dev_err(self, r);
+	Py_RETURN_NONE;
+}
+
+static PyObject *dev_dma_log_report(DeviceObject *self, PyObject *args)
+{
+	unsigned long long iova, len, ps;
+	PyObject *out;
+	uint64_t words;
+	int r;
+
+	if (!PyArg_ParseTuple(args, "KKK", &iova, &len, &ps) || !alive(self))
+		return NULL;
+	if (!ps || len / ps > (1ULL << 33)) {
+		PyErr_SetString(PyExc_ValueError, "page_size 0, or more than 2^33 pages");
+		return NULL;
+	}
+	words = (len / ps + 63) / 64;
+	out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(words ? words * 8 : 8));
+	if (!out)
+		return NULL;
+	uint64_t *bm = (uint64_t *)(void *)PyByteArray_AS_STRING(out);
+	LOCKED(self, r = devmig_dma_log_report(self->dev, iova, len, ps, bm, words ? words : 1));
+	if (r < 0) {
+		Py_DECREF(out);
+		return dev_err(self, r);
+	}
+	return out;
+}
+
+/* The BAR is thread-safe in C and used by vCPU threads while a pump may
+ * hold the device: no device lock here, only the GIL released. */
+static PyObject *sim_bar_access(DeviceObject *self, PyObject *args)
+{
+	int mapped, write, r;
+	unsigned long long off, val = 0;
+	uint64_t v;
+
+	if (!PyArg_ParseTuple(args, "ppK|K", &mapped, &write, &off, &val) || !alive(self))
+		return NULL;
+	v = val;
+	Py_BEGIN_ALLOW_THREADS
+	r = devmig_sim_bar_access(self->dev, mapped, write, off, &v);
+	Py_END_ALLOW_THREADS
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromUnsignedLongLong(v);
+}
+
+static PyObject *sim_reeval_eventfd(DeviceObject *self, PyObject *unused)
+{
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	r = devmig_sim_reeval_eventfd(self->dev);
+	if (r < 0)
+		return dev_err(self, r);
+	return PyLong_FromLong(r);
+}
+
+static PyObject *sim_guest_read(DeviceObject *self, PyObject *args)
+{
+	unsigned long long off, len;
+	uint8_t *mem;
+	uint64_t size;
+	int r;
+
+	if (!PyArg_ParseTuple(args, "KK", &off, &len) || !alive(self))
+		return NULL;
+	r = devmig_sim_guest_mem(self->dev, &mem, &size);
+	if (r < 0)
+		return dev_err(self, r);
+	if (off > size || len > size - off) {
+		PyErr_SetString(PyExc_ValueError, "outside the guest memory");
+		return NULL;
+	}
+	return PyBytes_FromStringAndSize((const char *)mem + off, (Py_ssize_t)len);
+}
+
+static PyObject *sim_dirty_take(DeviceObject *self, PyObject *arg)
+{
+	long which = PyLong_AsLong(arg);
+	uint8_t *mem;
+	uint64_t size, words;
+	PyObject *out;
+	int r;
+
+	if (PyErr_Occurred() || !alive(self))
+		return NULL;
+	r = devmig_sim_guest_mem(self->dev, &mem, &size);
+	if (r < 0)
+		return dev_err(self, r);
+	words = (size / 4096 + 63) / 64;
+	out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(words * 8));
+	if (!out)
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	r = devmig_sim_dirty_take(self->dev, (int)which, (uint64_t *)(void *)PyByteArray_AS_STRING(out), words);
+	Py_END_ALLOW_THREADS
+	if (r < 0) {
+		Py_DECREF(out);
+		return dev_err(self, r);
+	}
+	return out;
+}
+
+/* DevmigError(errno, "the step that failed: strerror") */
+static PyObject *raise_why(int r, const char *why)
+{
+	PyObject *exc = PyObject_CallFunction(DevmigError, "is", -r, why);
+
+	if (!exc)
+		return NULL;
+	if (set_name(exc, "from_state", NULL) < 0 || set_name(exc, "to_state", NULL) < 0) {
+		Py_DECREF(exc);
+		return NULL;
+	}
+	PyErr_SetObject(DevmigError, exc);
+	Py_DECREF(exc);
+	return NULL;
+}
+
+static PyObject *py_vfio_open_group(PyObject *self, PyObject *args)
+{
+	struct devmig_vfio_handle h;
+	const char *group, *name;
+	char why[512];
+	int r;
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "ss", &group, &name))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	r = devmig_vfio_open_group(group, name, &h, why, sizeof(why));
+	Py_END_ALLOW_THREADS
+	if (r < 0)
+		return raise_why(r, why);
+	return Py_BuildValue("(iii)", h.device_fd, h.container_fd, h.group_fd);
+}
+
+static PyObject *py_vfio_open_cdev(PyObject *self, PyObject *args)
+{
+	struct devmig_vfio_handle h;
+	const char *cdev, *iommufd = "/dev/iommu";
+	char why[512];
+	int r;
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "s|s", &cdev, &iommufd))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	r = devmig_vfio_open_cdev(cdev, iommufd, &h, why, sizeof(why));
+	Py_END_ALLOW_THREADS
+	if (r < 0)
+		return raise_why(r, why);
+	return Py_BuildValue("(iiII)", h.device_fd, h.iommufd, h.ioas_id, h.devid);
 }
 
 static PyObject *dev_get_flags(DeviceObject *self, void *c)
@@ -641,6 +887,14 @@ static PyMethodDef dev_methods[] = {
 	{ "sim_clear_faults", (PyCFunction)sim_clear_faults, METH_NOARGS, "Simulated device: clear faults." },
 	{ "sim_touch", (PyCFunction)sim_touch, METH_O, "Simulated device: the workload writes a page." },
 	{ "sim_stats", (PyCFunction)sim_stats, METH_NOARGS, "Simulated device: counters." },
+	{ "region_info", (PyCFunction)dev_region_info, METH_O, "Region info (dict) with its sparse-mmap areas." },
+	{ "dma_log_start", (PyCFunction)dev_dma_log_start, METH_VARARGS, "dma_log_start(ranges, page_size) -> page size chosen." },
+	{ "dma_log_stop", (PyCFunction)dev_dma_log_stop, METH_NOARGS, "Stop device DMA logging." },
+	{ "dma_log_report", (PyCFunction)dev_dma_log_report, METH_VARARGS, "dma_log_report(iova, length, page_size) -> bitmap." },
+	{ "sim_bar_access", (PyCFunction)sim_bar_access, METH_VARARGS, "Simulated device: sim_bar_access(mapped, write, off, val=0) -> value." },
+	{ "sim_reeval_eventfd", (PyCFunction)sim_reeval_eventfd, METH_NOARGS, "Simulated device: the re-evaluate eventfd." },
+	{ "sim_guest_read", (PyCFunction)sim_guest_read, METH_VARARGS, "Simulated device: sim_guest_read(offset, length) -> bytes." },
+	{ "sim_dirty_take", (PyCFunction)sim_dirty_take, METH_O, "Simulated device: take the DMA-written (0) or logged (1) pages." },
 	{ NULL, NULL, 0, NULL },
 };
 
@@ -861,6 +1115,8 @@ static PyMethodDef methods[] = {
 	{ "fsm_path", py_fsm_path, METH_VARARGS, "fsm_path(flags, from, to) -> states entered." },
 	{ "open_sim", (PyCFunction)(void (*)(void))py_open_sim, METH_VARARGS | METH_KEYWORDS, "Open a simulated device." },
 	{ "open_vfio", (PyCFunction)(void (*)(void))py_open_vfio, METH_VARARGS | METH_KEYWORDS, "Take a VFIO device fd." },
+	{ "vfio_open_group", py_vfio_open_group, METH_VARARGS, "vfio_open_group(group_path, name) -> (device_fd, container_fd, group_fd)." },
+	{ "vfio_open_cdev", py_vfio_open_cdev, METH_VARARGS, "vfio_open_cdev(cdev_path, iommufd_path) -> (device_fd, iommufd, ioas_id, devid)." },
 	{ NULL, NULL, 0, NULL },
 };
 
