@@ -2,6 +2,7 @@
  * between what a VMM has mapped of a region and what the device allows. */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "devmig/trap.h"
 
@@ -90,4 +91,22 @@ int devmig_trap_unmap_all(struct devmig_trap_view *v, devmig_trap_unmap_fn unmap
 		v->n--;
 	}
 	return 0;
+}
+
+int devmig_trap_mmap(void *ctx, uint64_t offset, uint64_t size, void **addr)
+{
+	const struct devmig_trap_fd *t = ctx;
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, t->fd, (off_t)(t->region_offset + offset));
+
+	if (p == MAP_FAILED)
+		return -errno;
+	*addr = p;
+	return 0;
+}
+
+int devmig_trap_munmap(void *ctx, uint64_t offset, uint64_t size, void *addr)
+{
+	(void)ctx;
+	(void)offset;
+	return munmap(addr, size) < 0 ? -errno : 0;
 }

@@ -57,6 +57,16 @@ int devmig_trap_plan(const struct devmig_trap_view *v, const struct devmig_regio
 typedef int (*devmig_trap_map_fn)(void *ctx, uint64_t offset, uint64_t size, void **addr);
 typedef int (*devmig_trap_unmap_fn)(void *ctx, uint64_t offset, uint64_t size, void *addr);
 
+/* Callbacks that really map: ctx is a struct devmig_trap_fd naming the
+ * device fd and the region's offset within it (from its region info); an
+ * area is mmap'd shared, read-write, at fd offset region_offset + offset. */
+struct devmig_trap_fd {
+	int fd;
+	uint64_t region_offset;
+};
+int devmig_trap_mmap(void *ctx, uint64_t offset, uint64_t size, void **addr);
+int devmig_trap_munmap(void *ctx, uint64_t offset, uint64_t size, void *addr);
+
 /* Carry out a plan: every unmap first, then the maps; the view follows
  * each step that succeeded, so after an error it still says exactly what
  * is mapped. */

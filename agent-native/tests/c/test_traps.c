@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -370,6 +371,30 @@ static void dma_logging_reports_what_dma_wrote_in_its_ranges(void)
 	devmig_dev_close(m.d);
 }
 
+/* The real mapping callbacks, on a memfd standing in for a device fd: a
+ * mapped area reads what the file holds at region offset + area offset, and
+ * unmapping it takes it away. */
+static void the_mmap_callbacks_map_at_the_region_offset(void)
+{
+	int fd = memfd_create("devmig-bar", MFD_CLOEXEC);
+	struct devmig_trap_fd tf = { .fd = fd, .region_offset = 0x10000 };
+	struct devmig_trap_view v = { .region = 0 };
+	struct devmig_trap_plan p = { .n_map = 1, .map = { { .offset = 0x2000, .size = 0x1000 } } };
+	struct devmig_trap_plan q = { .n_unmap = 1, .unmap = { { .offset = 0x2000, .size = 0x1000 } } };
+	uint64_t mark = 0x5a5a1234, got = 0;
+
+	CHECK(fd >= 0 && ftruncate(fd, 0x20000) == 0);
+	CHECK(pwrite(fd, &mark, 8, 0x12000) == 8);
+	CHECK(devmig_trap_apply(&v, &p, devmig_trap_mmap, devmig_trap_munmap, &tf) == 0 && v.n == 1);
+	memcpy(&got, v.addrs[0], 8);
+	CHECK(got == mark);
+	CHECK(devmig_trap_apply(&v, &q, devmig_trap_mmap, devmig_trap_munmap, &tf) == 0 && v.n == 0);
+	/* A bad offset: mmap's errno comes back, nothing recorded. */
+	tf.fd = -1;
+	CHECK(devmig_trap_apply(&v, &p, devmig_trap_mmap, devmig_trap_munmap, &tf) == -EBADF && v.n == 0);
+	close(fd);
+}
+
 int main(void)
 {
 	sparse_areas_follow_the_state();
@@ -377,5 +402,6 @@ int main(void)
 	the_founding_problem_both_ways();
 	a_hammering_vcpu_misses_no_trap_and_no_page();
 	dma_logging_reports_what_dma_wrote_in_its_ranges();
+	the_mmap_callbacks_map_at_the_region_offset();
 	CHECK_DONE();
 }
