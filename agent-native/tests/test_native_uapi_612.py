@@ -149,7 +149,7 @@ def test_every_definition_in_our_uapi_header_equals_linux_6_12(
     assert not bad, f"devmig's {ours} differs from Linux 6.12:\n" + "\n".join(bad)
     # Each header defines at least this many; a parse that found little
     # would pass vacuously.
-    assert n >= {"vfio_uapi.h": 150, "iommufd_uapi.h": 12}[ours], f"only {n} values compared"
+    assert n >= {"vfio_uapi.h": 200, "iommufd_uapi.h": 60}[ours], f"only {n} values compared"
 
 
 def test_the_check_reports_a_drifted_value_and_a_drifted_field(tmp_path: pathlib.Path) -> None:
