@@ -31,6 +31,9 @@ opts=(
   DEBUG_KERNEL FAULT_INJECTION RUNTIME_TESTING_MENU IOMMUFD_TEST
   SAMPLES SAMPLE_VFIO_MDEV_MTTY
   SHMEM TMPFS MEMFD_CREATE
+  # IRQ eventfds (VFIO_DEVICE_SET_IRQS) and the simulated device's
+  # re-evaluate hint
+  EVENTFD
 )
 # Turned off: the other members of a choice an option above belongs to
 # (tinyconfig picks KERNEL_XZ, and enabling KERNEL_GZIP alone leaves it).

@@ -62,6 +62,8 @@ CHECKS = [
     "type1_dirty_pinned_scope_reports_nothing",
     "type1_dirty_read_must_cover_whole_mappings",
     "type1_dirty_stop",
+    "irq_info_intx",
+    "irq_intx_eventfd_fires",
     "open_cdev_target",
     "cdev_second_bind_einval",
     "group_and_cdev_exclusive_ebusy",

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -47,6 +48,10 @@
 #define UART_RX_TX 0 /* receive/transmit holding register */
 #define UART_LSR 5   /* line status register */
 #define UART_LSR_DR 0x01
+#define UART_IER 1          /* interrupt enable register */
+#define UART_IER_RDI 0x01   /* interrupt on received data */
+#define UART_FCR 2          /* FIFO control register */
+#define UART_FCR_TRIGGER_1 0x01 /* FIFO on, interrupt at 1 byte */
 
 static int n_ok, n_bad;
 
@@ -754,6 +759,52 @@ done:
 		munmap(buf, len);
 }
 
+/* ---- IRQs: INTx through an eventfd ---- */
+
+/* mtty raises its interrupt when received data reaches the FIFO's trigger
+ * level with IER.RDI set; with an eventfd attached
+ * to INTx through VFIO_DEVICE_SET_IRQS, that is a count on the eventfd. */
+static void irq_checks(struct vdev *v)
+{
+	struct devmig_vfio_irq_info ii = { 0 };
+	char junk[64];
+	uint64_t count = 0;
+	uint8_t ier = UART_IER_RDI, fcr = UART_FCR_TRIGGER_1, zero = 0;
+	int32_t efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	int r, fired, off;
+
+	/* As a VMM does, device info first: mtty keeps the IRQ count from the
+	 * last VFIO_DEVICE_GET_INFO and refuses every IRQ index before one
+	 * (EINVAL), a quirk of the sample driver. */
+	struct devmig_vfio_device_info di;
+
+	r = devmig_vfio_device_get_info(v->fd, &di);
+	if (r == 0)
+		r = devmig_vfio_get_irq_info(v->fd, DEVMIG_VFIO_PCI_INTX_IRQ_INDEX, &ii);
+	check("irq_info_intx", r == 0 && ii.count == 1 && (ii.flags & DEVMIG_VFIO_IRQ_INFO_EVENTFD),
+	      "%s; count %u flags 0x%x", r ? strerror(-r) : "ok", ii.count, ii.flags);
+	(void)uart_drain(v, 0, junk, sizeof(junk));
+	r = efd < 0 ? -errno : devmig_vfio_set_irqs_eventfd(v->fd, DEVMIG_VFIO_PCI_INTX_IRQ_INDEX, 0, 1, &efd);
+	/* The trigger level starts at 0 (never reached): set it as a guest
+	 * driver does, through the FIFO control register. */
+	if (r == 0 && pwrite(v->fd, &fcr, 1, (off_t)(v->bar_off[0] + UART_FCR)) != 1)
+		r = -errno;
+	if (r == 0 && pwrite(v->fd, &ier, 1, (off_t)(v->bar_off[0] + UART_IER)) != 1)
+		r = -errno;
+	if (r == 0)
+		r = uart_write(v, 0, "I", 1);
+	fired = r == 0 && read(efd, &count, sizeof(count)) == (ssize_t)sizeof(count) && count >= 1;
+	/* Detach (count 0 disables the index) and quiet the UART again. */
+	off = devmig_vfio_set_irqs_eventfd(v->fd, DEVMIG_VFIO_PCI_INTX_IRQ_INDEX, 0, 0, NULL);
+	if (pwrite(v->fd, &zero, 1, (off_t)(v->bar_off[0] + UART_IER)) != 1)
+		off = off ? off : -errno;
+	(void)uart_drain(v, 0, junk, sizeof(junk));
+	check("irq_intx_eventfd_fires", fired && off == 0, "%s; eventfd count %llu; detach %d",
+	      r ? strerror(-r) : "ok", (unsigned long long)count, off);
+	if (efd >= 0)
+		close(efd);
+}
+
 int main(int argc, char **argv)
 {
 	static const char msg0[] = "devmig mtty 0!", msg1[] = "port-1";
@@ -1069,6 +1120,7 @@ after_hazard:
 	      "%s; read %d bytes \"%.*s\", want \"%s\"", r ? strerror(-r) : "ok", n, n > 0 ? n : 0, got, msg0);
 
 	type1_dirty_checks(&src);
+	irq_checks(&dst);
 	cdev_checks(&src, &csrc, &cdst);
 	if (csrc.uuid)
 		iommufd_dirty_checks(csrc.uuid);
