@@ -37,6 +37,7 @@ import grpc
 from devmig_agent import (
     datapath,
     devices,
+    health,
     hooks_kubevirt,
     hooks_sessions,
     inventory,
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         log.info("%d simulated device(s); device state accepted on %s", spec.count, dp.advertise)
     server.add_to_server(srv, a.node_name, registry, sessions_)
+    agent_health = health.AgentHealth()
+    agent_health.add_to(srv)
     if tls is not None:
         port = srv.add_secure_port(a.listen, tls.server_credentials())
     elif security.is_loopback(host) or a.insecure:
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             agent_endpoint=adv,
         )
         threading.Thread(target=pub.run, args=(stop,), daemon=True, name="inventory").start()
+    agent_health.serving()
     # The first stdout line is machine-readable so launchers can find the port.
     print(f"LISTENING {host}:{port}", flush=True)
     log.info("agent for node %s serving on %s:%d", a.node_name, host, port)
@@ -352,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, terminate)
     stop.wait()
     log.info("stopping: no new calls, then every session settled")
+    agent_health.shutting_down()
     if hook_server is not None:
         hook_server.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
     srv.stop(grace=SHUTDOWN_GRACE_SECONDS).wait()
