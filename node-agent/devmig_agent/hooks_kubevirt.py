@@ -327,4 +327,10 @@ def serve_node_hooks(
     if server.add_insecure_port(f"unix://{socket_path}") == 0:
         raise OSError(f"cannot listen on {socket_path}")
     server.start()
+    # Who may call: gRPC in Python exposes no peer credentials for a Unix
+    # socket, so the socket's own permissions decide. Connecting needs write
+    # permission on it: 0600 leaves only its owner (root, as virt-handler
+    # runs). Until this chmod the socket has the umask's mode, which under
+    # the usual 022 already denies others write.
+    os.chmod(socket_path, 0o600)
     return server

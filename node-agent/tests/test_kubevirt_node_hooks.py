@@ -338,3 +338,35 @@ def test_a_device_another_pod_holds_is_device_not_held() -> None:
         hooks_kubevirt.select_devices(["0000:af:00.1"], HELD, "vms/db")
     assert (e.value.kind, e.value.reason) == (HookErrorKind.PRECONDITION, "DeviceNotHeld")
     assert "vms/virt-launcher-web-a1b2c" in str(e.value)
+
+
+def test_only_the_sockets_owner_may_connect(served: str) -> None:
+    """The hook socket is 0600: a process of another uid cannot even
+    connect (a forked child drops to nobody, 65534, and tries)."""
+    assert os.stat(served).st_mode & 0o777 == 0o600
+    if os.getuid() != 0:
+        pytest.skip("needs root to switch the child to another uid")
+    # The directory must let nobody reach the socket, so only the socket's
+    # own mode decides.
+    os.chmod(os.path.dirname(served), 0o755)
+    os.chmod(os.path.dirname(os.path.dirname(served)), 0o755)
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(served)
+                code = 1  # connected: the permission did not hold
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "a process of another uid could connect"
+    # Root (virt-handler) still can.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(served)
+    s.close()
