@@ -454,15 +454,33 @@ long devmig_stream_save(struct devmig_dev *d, int out_fd)
 
 #define LOAD_TAIL 4096u
 
+struct load_sink {
+	struct devmig_dev *d;
+	uint64_t *received; /* NULL, or updated atomically after each frame */
+	uint64_t total;
+};
+
 static int dev_sink(void *ctx, const void *buf, size_t len)
 {
-	long n = devmig_data_write(ctx, buf, len);
+	struct load_sink *ls = ctx;
+	long n = devmig_data_write(ls->d, buf, len);
 
-	return n < 0 ? (int)n : 0;
+	if (n < 0)
+		return (int)n;
+	ls->total += len;
+	if (ls->received)
+		__atomic_store_n(ls->received, ls->total, __ATOMIC_RELAXED);
+	return 0;
 }
 
 int devmig_stream_load(struct devmig_dev *d, int in_fd)
 {
+	return devmig_stream_load_counted(d, in_fd, NULL);
+}
+
+int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *received)
+{
+	struct load_sink ls = { .d = d, .received = received };
 	struct devmig_stream_dec *dec;
 	/* Reads go straight into the decoder's header or frame buffer, each
 	 * asking for the rest of what it is filling; buf only takes what
@@ -475,7 +493,7 @@ int devmig_stream_load(struct devmig_dev *d, int in_fd)
 	buf = malloc(LOAD_TAIL);
 	if (!buf)
 		return -ENOMEM;
-	r = devmig_stream_dec_new(&d->desc, dev_sink, d, &dec);
+	r = devmig_stream_dec_new(&d->desc, dev_sink, &ls, &dec);
 	if (r < 0) {
 		free(buf);
 		return r;

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from devmig_native import DevmigError, MigState, SimDevice, StreamError
+from devmig_native import DevmigError, LoadCounter, MigState, SimDevice, StreamError
 
 PAGE = 4096
 HEADER, FRAME_HDR = 64, 20
@@ -185,17 +185,21 @@ def test_a_device_migrates_over_a_socket_with_sender_and_receiver_in_parallel() 
         a, b = socket.socketpair()
         errors: list[BaseException] = []
 
+        sent: list[int] = []
+
         def send() -> None:
             try:
-                src.send_stream(a.fileno())
+                sent.append(src.send_stream(a.fileno()))
             except BaseException as e:  # reported by the main thread
                 errors.append(e)
             finally:
                 a.shutdown(socket.SHUT_WR)
 
+        counter = LoadCounter()
+
         def receive() -> None:
             try:
-                dst.receive_stream(b.fileno())
+                dst.receive_stream(b.fileno(), counter)
             except BaseException as e:
                 errors.append(e)
 
@@ -208,6 +212,8 @@ def test_a_device_migrates_over_a_socket_with_sender_and_receiver_in_parallel() 
         b.close()
         assert errors == []
         assert src.state == MigState.STOP_COPY and dst.state == MigState.STOP
+        # The counter ends at exactly the payload the source sent.
+        assert counter.value == sent[0] > 1024 * PAGE
         dst.set_state(MigState.RUNNING, MigState.ERROR)
         assert dst.stats().mem_digest == src.stats().mem_digest
 

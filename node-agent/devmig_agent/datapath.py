@@ -17,6 +17,7 @@ labs) the pump writes to the TCP socket directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -102,6 +103,7 @@ class _Sink:
     def __init__(self, session: Session, conn: socket.socket, done: Done) -> None:
         self.session = session
         self.fd, self._keep = _plain_fd(conn, "receive")
+        self._received = devmig_native.LoadCounter()
         self._cancelled = False
         self._thread = threading.Thread(
             target=self._run, args=(done,), daemon=True, name=f"sink-{session.id}"
@@ -113,7 +115,7 @@ class _Sink:
         try:
             # Releases the GIL; verifies the whole stream before the device
             # leaves RESUMING, and resets it on any failure.
-            self.session.device.handle.receive_stream(self.fd)
+            self.session.device.handle.receive_stream(self.fd, self._received)
         except (devmig_native.DevmigError, OSError) as e:
             err = e
         finally:
@@ -124,7 +126,7 @@ class _Sink:
             done(self.session, err)
 
     def progress(self) -> Progress:
-        return self.session.progress
+        return dataclasses.replace(self.session.progress, bytes_received=self._received.value)
 
     def cancel(self) -> None:
         self._cancelled = True

@@ -903,6 +903,9 @@ class SessionManager:
         with self._lock:
             if s.phase in (Phase.ABORTED, Phase.SUCCEEDED):
                 return
+            # The final counters, whatever reads the session next.
+            if s.transfer is not None:
+                s.progress = s.transfer.progress()
             if error is None:
                 s.phase = Phase.TRANSFERRED
                 s.message = (

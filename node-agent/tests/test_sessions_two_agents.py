@@ -99,7 +99,11 @@ def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agen
     assert st.progress.bytes_sent >= 4 << 20  # the initial state streamed while running
     st = a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF])).status
     assert st.phase == pb.SESSION_PHASE_STOP_COPY and st.stopped_at_unix_nanos > 0
-    assert target_final(b).phase == pb.SESSION_PHASE_TRANSFERRED
+    tgt = target_final(b)
+    assert tgt.phase == pb.SESSION_PHASE_TRANSFERRED
+    # The target counts what it loaded: every payload byte the source sent.
+    sent = a.stub.GetSession(pb.GetSessionRequest(session=REF)).status.progress.bytes_sent
+    assert tgt.progress.bytes_received == sent > 0
     src_digest = a.registry.get(SRC_DEV).handle.stats().mem_digest  # type: ignore[attr-defined]
     r = b.stub.Resume(pb.ResumeRequest(session=REF)).status
     assert r.device_state == pb.VFIO_DEVICE_STATE_RUNNING and r.running_at_unix_nanos > 0

@@ -121,6 +121,10 @@ long devmig_stream_save(struct devmig_dev *d, int out_fd);
  * leaves RESUMING (for STOP) only when the whole stream verified; on any
  * failure it is poisoned and reset, and the error returned. */
 int devmig_stream_load(struct devmig_dev *d, int in_fd);
+/* As devmig_stream_load, storing in *received (atomically, relaxed) the
+ * payload bytes written into the device so far, after each frame: the
+ * target's progress, readable from another thread while the load runs. */
+int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *received);
 
 #ifdef __cplusplus
 }

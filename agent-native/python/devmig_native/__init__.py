@@ -23,6 +23,7 @@ __all__ = [
     "DevmigError",
     "DirtySource",
     "FdKind",
+    "LoadCounter",
     "MigFlags",
     "MigState",
     "Pump",
@@ -257,6 +258,18 @@ def open_cdev(cdev_path: str, iommufd_path: str = "/dev/iommu") -> VfioHandle:
     return VfioHandle(device_fd=dev, iommufd=iommufd, ioas_id=ioas, devid=devid)
 
 
+class LoadCounter:
+    """Payload bytes a receive_stream has written into its device so far,
+    updated by the native loader after each frame and read atomically."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(8)
+
+    @property
+    def value(self) -> int:
+        return int(_native.read_counter(self.buf))
+
+
 class DirtySource(enum.IntEnum):
     """What SimDevice.dirty_take reads (C DEVMIG_SIM_DIRTY_*)."""
 
@@ -385,9 +398,11 @@ class Device:
         caller ends the stream with shutdown/close. Runs without the GIL."""
         return self._h.send_stream(fd)
 
-    def receive_stream(self, fd: int) -> None:
-        """As load_stream, from an open fd, until its end of file."""
-        self._h.receive_stream(fd)
+    def receive_stream(self, fd: int, counter: LoadCounter | None = None) -> None:
+        """As load_stream, from an open fd, until its end of file. With a
+        ``counter``, the payload bytes loaded so far can be read from another
+        thread while this runs (the target's progress)."""
+        self._h.receive_stream(fd, counter.buf if counter is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -496,17 +496,55 @@ static PyObject *dev_send_stream(DeviceObject *self, PyObject *arg)
 	return PyLong_FromLong(r);
 }
 
-static PyObject *dev_receive_stream(DeviceObject *self, PyObject *arg)
+static PyObject *dev_receive_stream(DeviceObject *self, PyObject *args)
 {
-	int fd = PyObject_AsFileDescriptor(arg);
-	int r;
+	PyObject *fobj, *counter = Py_None;
+	Py_buffer cb = { 0 };
+	uint64_t *received = NULL;
+	int fd, r;
 
+	if (!PyArg_ParseTuple(args, "O|O", &fobj, &counter))
+		return NULL;
+	fd = PyObject_AsFileDescriptor(fobj);
 	if (fd < 0 || !alive(self))
 		return NULL;
-	LOCKED(self, r = devmig_stream_load(self->dev, fd));
+	/* The counter: a writable 8-byte buffer the C side stores the bytes
+	 * loaded so far into; held (so not resizable) for the whole load. */
+	if (counter != Py_None) {
+		if (PyObject_GetBuffer(counter, &cb, PyBUF_SIMPLE | PyBUF_WRITABLE) < 0)
+			return NULL;
+		if (cb.len != 8 || ((uintptr_t)cb.buf % 8)) {
+			PyBuffer_Release(&cb);
+			PyErr_SetString(PyExc_ValueError, "counter: an aligned 8-byte writable buffer");
+			return NULL;
+		}
+		received = cb.buf;
+	}
+	LOCKED(self, r = devmig_stream_load_counted(self->dev, fd, received));
+	if (received)
+		PyBuffer_Release(&cb);
 	if (r < 0)
 		return raise_err(StreamError, r, "RESUMING", "STOP");
 	Py_RETURN_NONE;
+}
+
+/* An atomic read of a counter receive_stream updates from another thread. */
+static PyObject *py_read_counter(PyObject *self, PyObject *arg)
+{
+	Py_buffer cb;
+	uint64_t v;
+
+	(void)self;
+	if (PyObject_GetBuffer(arg, &cb, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (cb.len != 8 || ((uintptr_t)cb.buf % 8)) {
+		PyBuffer_Release(&cb);
+		PyErr_SetString(PyExc_ValueError, "counter: an aligned 8-byte buffer");
+		return NULL;
+	}
+	v = __atomic_load_n((uint64_t *)cb.buf, __ATOMIC_RELAXED);
+	PyBuffer_Release(&cb);
+	return PyLong_FromUnsignedLongLong(v);
 }
 
 /* ---- simulated device controls ---- */
@@ -880,7 +918,7 @@ static PyMethodDef dev_methods[] = {
 	{ "save_stream", (PyCFunction)dev_save_stream, METH_O, "Write the device's data as a devmig stream to a path." },
 	{ "load_stream", (PyCFunction)dev_load_stream, METH_O, "Load a devmig stream from a path into a RESUMING device." },
 	{ "send_stream", (PyCFunction)dev_send_stream, METH_O, "Write the device's data as a devmig stream to a fd." },
-	{ "receive_stream", (PyCFunction)dev_receive_stream, METH_O, "Load a devmig stream from a fd (until EOF)." },
+	{ "receive_stream", (PyCFunction)dev_receive_stream, METH_VARARGS, "receive_stream(fd, counter=None): load a devmig stream from a fd (until EOF)." },
 	{ "sim_fail_arc", (PyCFunction)sim_fail_arc, METH_VARARGS, "Simulated device: fail an arc." },
 	{ "sim_fail_write", (PyCFunction)sim_fail_write, METH_VARARGS, "Simulated device: refuse a write." },
 	{ "sim_corrupt", (PyCFunction)sim_corrupt, METH_O, "Simulated device: corrupt a stream byte." },
@@ -1115,6 +1153,7 @@ static PyMethodDef methods[] = {
 	{ "fsm_path", py_fsm_path, METH_VARARGS, "fsm_path(flags, from, to) -> states entered." },
 	{ "open_sim", (PyCFunction)(void (*)(void))py_open_sim, METH_VARARGS | METH_KEYWORDS, "Open a simulated device." },
 	{ "open_vfio", (PyCFunction)(void (*)(void))py_open_vfio, METH_VARARGS | METH_KEYWORDS, "Take a VFIO device fd." },
+	{ "read_counter", py_read_counter, METH_O, "read_counter(buf) -> the 8-byte counter, read atomically." },
 	{ "vfio_open_group", py_vfio_open_group, METH_VARARGS, "vfio_open_group(group_path, name) -> (device_fd, container_fd, group_fd)." },
 	{ "vfio_open_cdev", py_vfio_open_cdev, METH_VARARGS, "vfio_open_cdev(cdev_path, iommufd_path) -> (device_fd, iommufd, ioas_id, devid)." },
 	{ NULL, NULL, 0, NULL },
