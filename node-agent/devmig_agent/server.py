@@ -298,6 +298,22 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         except SessionError as e:
             _abort(context, e)
 
+    def WatchDirtyPages(
+        self, request: agent_pb2.WatchDirtyPagesRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.WatchDirtyPagesResponse]:
+        m = self._sessions(context)
+        try:
+            for page_size, data, final in m.dirty_pages(
+                request.session.session_id, request.session.token, 0, context.is_active
+            ):
+                yield _dirty_response(page_size, data, final)
+        except SessionError as e:
+            _abort(context, e)
+
+
+def _dirty_response(page_size: int, data: bytes, final: bool) -> agent_pb2.WatchDirtyPagesResponse:
+    return agent_pb2.WatchDirtyPagesResponse(page_size=page_size, encoded_ranges=data, final=final)
+
 
 def add_to_server(
     server: grpc.Server,

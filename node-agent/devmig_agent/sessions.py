@@ -57,6 +57,11 @@ T = TypeVar("T")
 DEFAULT_RECOVERY_DEADLINE_SECONDS = 300.0
 
 
+# Guest pages the dirty-page export counts in, bytes (the simulated
+# device's, and the usual x86 page).
+PAGE_SIZE = 4096
+
+
 class Code(enum.Enum):
     """Error classes; server.py maps them to gRPC status codes."""
 
@@ -152,6 +157,9 @@ class Session:
     # The phase last journaled, and since when (for phase durations).
     recorded_phase: Phase | None = None
     phase_since_ns: int = 0
+    # Source: every guest page reported dirty since pre-copy began (a
+    # WatchDirtyPages call starts from all of them, so none is lost).
+    dirty_seen: bytearray | None = None
 
 
 class VmmError(Exception):
@@ -954,6 +962,50 @@ class SessionManager:
     def get(self, session_id: str, token: str) -> Snapshot:
         with self._lock:
             return self._snapshot(self._find(session_id, token))
+
+    def dirty_pages(
+        self, session_id: str, token: str, interval_ms: int, alive: Callable[[], bool]
+    ) -> Iterator[tuple[int, bytes, bool]]:
+        """(page_size, encoded bitmap, final) for the source's guest pages the
+        device dirtied: first every page reported since pre-copy began, then
+        what is new each interval, and a final sync once the device stopped
+        (it starts no DMA after STOP_COPY). The pages come from the device's
+        own trap-based logging; only the simulated device offers that to the
+        agent so far."""
+        interval = (interval_ms or DEFAULT_PROGRESS_INTERVAL_MS) / 1000.0
+        with self._lock:
+            s = self._find(session_id, token)
+            if s.role is not Role.SOURCE:
+                raise SessionError(
+                    Code.FAILED_PRECONDITION, "NotSource", "dirty pages come from the source"
+                )
+            handle = s.device.handle
+            if not isinstance(handle, devmig_native.SimDevice):
+                raise SessionError(
+                    Code.FAILED_PRECONDITION,
+                    "NoDirtySource",
+                    f"device {s.device.id} offers the agent no dirty-page log",
+                )
+            first = True
+        while True:
+            with self._lock:
+                if s.phase in (Phase.PREPARED,):
+                    raise SessionError(
+                        Code.FAILED_PRECONDITION, "NotStarted", "pre-copy has not started"
+                    )
+                fresh = handle.dirty_take(devmig_native.DirtySource.LOGGED)
+                if s.dirty_seen is None:
+                    s.dirty_seen = bytearray(len(fresh))
+                devmig_native.bitmap_or(s.dirty_seen, fresh)
+                final = s.phase is not Phase.PRE_COPY
+                out = bytes(s.dirty_seen) if first else bytes(fresh)
+            npages = len(out) * 8
+            yield PAGE_SIZE, devmig_native.bitmap_encode(out, npages, PAGE_SIZE), final
+            first = False
+            if final or not alive():
+                return
+            with self._lock:
+                self._changed.wait(interval)
 
     def watch(
         self, session_id: str, token: str, interval_ms: int, alive: Callable[[], bool]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
 from devmig_agent import datapath, devices, journal, server, sessions
@@ -212,3 +213,56 @@ def test_a_corrupted_stream_fails_the_target_which_never_runs(agents: tuple[Agen
     with pytest.raises(grpc.RpcError) as e:
         b.stub.Resume(pb.ResumeRequest(session=REF))
     assert e.value.details().startswith("StreamNotVerified")
+
+
+def _pages(msgs: list[pb.WatchDirtyPagesResponse]) -> set[int]:
+    out: set[int] = set()
+    for m in msgs:
+        assert m.page_size == 4096
+        npages, _, bm = devmig_native.bitmap_decode(m.encoded_ranges)
+        for first, count in devmig_native.bitmap_ranges(bm, npages):
+            out.update(range(first, first + count))
+    return out
+
+
+def _dma(dev: devmig_native.SimDevice, page: int) -> None:
+    # A vCPU's DMA request, trapped (the registers are trapped in PRE_COPY).
+    dev.bar_write(dev.BAR_DMA_ADDR, page * 4096)
+    dev.bar_write(dev.BAR_DMA_LEN, 4096)
+    dev.bar_write(dev.BAR_DMA_GO, 1)
+
+
+def test_the_source_exports_the_guest_pages_its_device_dirtied(
+    agents: tuple[Agent, Agent],
+) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    req = pb.WatchDirtyPagesRequest(session=REF)
+    with pytest.raises(grpc.RpcError) as e:
+        list(a.stub.WatchDirtyPages(req, timeout=10))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # not started
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    src = a.registry.get(SRC_DEV).handle
+    assert isinstance(src, devmig_native.SimDevice)
+    for page in (3, 4, 100):
+        _dma(src, page)
+    w = a.stub.WatchDirtyPages(req, timeout=30)
+    first = next(w)
+    assert not first.final and _pages([first]) == {3, 4, 100}
+    _dma(src, 200)
+    a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF]))
+    rest = []
+    for m in w:
+        rest.append(m)
+        if m.final:
+            break
+    assert rest and rest[-1].final
+    assert _pages([first, *rest]) == {3, 4, 100, 200}
+    # A second call starts from everything reported so far: nothing lost.
+    again = list(a.stub.WatchDirtyPages(req, timeout=30))
+    assert again[-1].final and _pages(again) == {3, 4, 100, 200}
+    # Dirty pages come from the source only.
+    with pytest.raises(grpc.RpcError) as e:
+        list(b.stub.WatchDirtyPages(req, timeout=10))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert target_final(b).phase == pb.SESSION_PHASE_TRANSFERRED
