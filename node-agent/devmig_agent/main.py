@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             log.info("VMMs register on %s", a.vmm_socket)
         manager.append(sessions.SessionManager(registry, j, dp, vmm=hub, observer=agent_metrics))
+        if hub is not None:
+            hub.dirty_source = manager[0].vmm_dirty
         sessions_ = manager[0]
         # With a VMM socket, devices whose VMM kept their fd through the
         # restart are taken back from it.

@@ -28,6 +28,7 @@ state, and waits for Abort or FinishSession.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -40,6 +41,7 @@ from typing import Any, Protocol, TypeVar
 
 import devmig_native
 from devmig_agent import journal as journalmod
+from devmig_agent import tracking
 from devmig_agent.devices import DeviceBusy, DeviceRegistry, ManagedDevice, UnknownDevice
 from devmig_native import MigState
 
@@ -57,9 +59,8 @@ T = TypeVar("T")
 DEFAULT_RECOVERY_DEADLINE_SECONDS = 300.0
 
 
-# Guest pages the dirty-page export counts in, bytes (the simulated
-# device's, and the usual x86 page).
-PAGE_SIZE = 4096
+# Guest pages the dirty-page export counts in, bytes.
+PAGE_SIZE = tracking.PAGE_SIZE
 
 
 class Code(enum.Enum):
@@ -157,9 +158,10 @@ class Session:
     # The phase last journaled, and since when (for phase durations).
     recorded_phase: Phase | None = None
     phase_since_ns: int = 0
-    # Source: every guest page reported dirty since pre-copy began (a
-    # WatchDirtyPages call starts from all of them, so none is lost).
-    dirty_seen: bytearray | None = None
+    # Source, from pre-copy on: the guest pages the device's DMA dirtied.
+    tracker: tracking.DirtyTracker | None = None
+    # Source: the simulated device's missed-trap count when pre-copy began.
+    missed_traps_base: int = 0
 
 
 class VmmError(Exception):
@@ -176,18 +178,29 @@ class VmmControl(Protocol):
     returns once the VMM acknowledged, raises ``VmmError`` otherwise, and is
     a no-op when no VMM registered for the device."""
 
-    def traps(self, device_id: str, on: bool) -> None: ...
+    def traps(self, device_id: str, on: bool, mappable: list[tracking.Area]) -> None:
+        """``mappable``: the only BAR areas the VMM may map from now on;
+        everything else must trap. ``on``: the device is migrating."""
+        ...
 
     def pause(self, device_id: str) -> None: ...
 
     def resume(self, device_id: str) -> None: ...
 
+    def dma_ranges(self, device_id: str) -> list[tuple[int, int]]:
+        """The guest's IOVA ranges (iova, length) the VMM registered for the
+        device's DMA logging; empty when it gave none."""
+        ...
+
 
 class NoVmm:
     """No VMM on this node (tests, labs): nothing to tell."""
 
-    def traps(self, device_id: str, on: bool) -> None:
+    def traps(self, device_id: str, on: bool, mappable: list[tracking.Area]) -> None:
         return None
+
+    def dma_ranges(self, device_id: str) -> list[tuple[int, int]]:
+        return []
 
     def pause(self, device_id: str) -> None:
         return None
@@ -444,29 +457,14 @@ class SessionManager:
                         "DeviceNotRunning",
                         f"{s.device.id} is {s.device.handle.state.name}: {s.message}",
                     )
-                # Traps go on before the device enters PRE_COPY, not after:
-                # a trapped access still reaches the device (through region
-                # reads and writes), while an access through a mapping that
-                # is still live once PRE_COPY needs it trapped is a dirty
-                # page nobody re-sends. The VMM acknowledges only once no
-                # vCPU can use the old mappings.
-                try:
-                    self.vmm.traps(s.device.id, True)
-                except VmmError as e:
-                    self._traps_off(s)
-                    self.observer.error(e.reason)
-                    raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
-                try:
-                    self._set_state(s, MigState.PRE_COPY, MigState.RUNNING)
-                except SessionError:
-                    self._traps_off(s)
-                    raise
+                self._switch_to_pre_copy(s)
                 try:
                     s.transfer = self.transfers.start_sender(
                         s, endpoint, self._bandwidth.get(s.id, 0)
                     )
                 except OSError as e:
                     self._set_state(s, MigState.RUNNING, MigState.RUNNING)
+                    self._stop_tracking(s)
                     self._traps_off(s)
                     self.observer.error("TargetUnreachable")
                     raise SessionError(
@@ -476,11 +474,65 @@ class SessionManager:
                 self._record(s)
             return self._snapshot(s)
 
-    def _traps_off(self, s: Session) -> None:
-        """Full passthrough again (after the device is RUNNING). A VMM that
-        does not answer keeps trapping: slower, never wrong."""
+    def _switch_to_pre_copy(self, s: Session) -> None:
+        """RUNNING -> PRE_COPY with the traps the device needs in place
+        before any vCPU can bypass them (see tracking.py for why this
+        order): the VMM unmaps every BAR area (ack), DMA tracking starts,
+        the device enters PRE_COPY, its sparse-mmap capability is re-read,
+        and the VMM maps back only what is mappable now (ack). A trapped
+        access still reaches the device, so trapping too much for a moment
+        is slower, never wrong. On failure the device is RUNNING with
+        passthrough restored."""
         try:
-            self.vmm.traps(s.device.id, False)
+            self.vmm.traps(s.device.id, True, [])
+        except VmmError as e:
+            self._traps_off(s)
+            self.observer.error(e.reason)
+            raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
+        s.tracker = tracking.DirtyTracker(s.device.handle, self.vmm.dma_ranges(s.device.id))
+        s.tracker.start()
+        sim = s.device.handle
+        if isinstance(sim, devmig_native.SimDevice):
+            s.missed_traps_base = sim.bar_stats().missed_traps
+            sim.dirty_take(devmig_native.DirtySource.LOGGED)  # from now on
+        try:
+            self._set_state(s, MigState.PRE_COPY, MigState.RUNNING)
+        except SessionError:
+            self._stop_tracking(s)
+            self._traps_off(s)
+            raise
+        areas = tracking.mappable_areas(s.device.handle)
+        try:
+            self.vmm.traps(s.device.id, True, areas)
+        except VmmError as e:
+            # Everything stays trapped (the first ack holds): correct, only
+            # slower. The migration goes on.
+            self.observer.error(e.reason)
+            log.warning("session %s: the VMM keeps every BAR area trapped: %s", s.id, e)
+        log.info(
+            "session %s: %s in PRE_COPY, mappable %s",
+            s.id,
+            s.device.id,
+            [(a.region, a.offset, a.size) for a in areas],
+        )
+
+    def _stop_tracking(self, s: Session) -> None:
+        if s.tracker is not None:
+            s.tracker.stop()
+        elif s.role is Role.SOURCE and s.phase is not Phase.PREPARED:
+            # Recovered after a restart: this process never started the
+            # device's DMA logging, but the one before may have. Stopping
+            # what is not started is harmless; a device without the
+            # feature says so.
+            with contextlib.suppress(devmig_native.DevmigError):
+                s.device.handle.dma_log_stop()
+
+    def _traps_off(self, s: Session) -> None:
+        """Passthrough again, as far as the device allows in its state now
+        (RUNNING: re-read, not assumed). A VMM that does not answer keeps
+        trapping: slower, never wrong."""
+        try:
+            self.vmm.traps(s.device.id, False, tracking.mappable_areas(s.device.handle))
         except VmmError as e:
             self.observer.error(e.reason)
             log.warning("session %s: traps stay on: %s", s.id, e)
@@ -588,6 +640,7 @@ class SessionManager:
                 except VmmError as e:
                     self.observer.error(e.reason)
                     raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
+            self._stop_tracking(s)
             s.phase = Phase.SUCCEEDED
             s.recovery_deadline_ns = 0
             self.registry.release(s.device.id, s.id)
@@ -631,6 +684,7 @@ class SessionManager:
             # Back to RUNNING: the guest keeps its device here.
             if s.device.handle.state is not MigState.RUNNING:
                 self._set_state(s, MigState.RUNNING, MigState.ERROR)
+            self._stop_tracking(s)
             self._traps_off(s)
             self._vmm_resume(s)
         else:
@@ -936,6 +990,7 @@ class SessionManager:
                     # since other devices of the VM may still be stopping.
                     try:
                         s.device.handle.set_state(MigState.RUNNING, MigState.ERROR)
+                        self._stop_tracking(s)
                         self._traps_off(s)
                         s.message += f"; the device is {s.device.handle.state.name} again"
                     except devmig_native.DevmigError as e:
@@ -945,6 +1000,13 @@ class SessionManager:
     def _snapshot(self, s: Session) -> Snapshot:
         if s.transfer is not None:
             s.progress = s.transfer.progress()
+        sim = s.device.handle
+        if (
+            s.role is Role.SOURCE
+            and s.tracker is not None
+            and isinstance(sim, devmig_native.SimDevice)
+        ):
+            s.progress.missed_traps = sim.bar_stats().missed_traps - s.missed_traps_base
         return Snapshot(
             session_id=s.id,
             role=s.role,
@@ -969,43 +1031,70 @@ class SessionManager:
         """(page_size, encoded bitmap, final) for the source's guest pages the
         device dirtied: first every page reported since pre-copy began, then
         what is new each interval, and a final sync once the device stopped
-        (it starts no DMA after STOP_COPY). The pages come from the device's
-        own trap-based logging; only the simulated device offers that to the
-        agent so far."""
+        (it starts no DMA after STOP_COPY). See tracking.DirtyTracker for
+        where the pages come from."""
         interval = (interval_ms or DEFAULT_PROGRESS_INTERVAL_MS) / 1000.0
+        key = object()
         with self._lock:
             s = self._find(session_id, token)
-            if s.role is not Role.SOURCE:
+            tracker = self._tracker(s)
+            tracker.subscribe(key)
+        try:
+            while True:
+                with self._lock:
+                    npages, out, final = self._take_dirty(s, tracker, key)
+                yield PAGE_SIZE, devmig_native.bitmap_encode(out, npages, PAGE_SIZE), final
+                if final or not alive():
+                    return
+                with self._lock:
+                    self._changed.wait(interval)
+        finally:
+            tracker.unsubscribe(key)
+
+    def _tracker(self, s: Session) -> tracking.DirtyTracker:
+        if s.role is not Role.SOURCE:
+            raise SessionError(
+                Code.FAILED_PRECONDITION, "NotSource", "dirty pages come from the source"
+            )
+        if s.phase is Phase.PREPARED or s.tracker is None:
+            raise SessionError(Code.FAILED_PRECONDITION, "NotStarted", "pre-copy has not started")
+        if not s.tracker.available:
+            raise SessionError(
+                Code.FAILED_PRECONDITION,
+                "NoDirtySource",
+                f"device {s.device.id} offers no DMA dirty tracking "
+                "(no DMA logging, or no guest IOVA ranges from its VMM)",
+            )
+        return s.tracker
+
+    def _take_dirty(
+        self, s: Session, tracker: tracking.DirtyTracker, key: object
+    ) -> tuple[int, bytes, bool]:
+        # Final once the device stopped for good in this session: it starts
+        # no DMA after STOP_COPY, so this read holds the last pages.
+        final = s.phase is not Phase.PRE_COPY
+        if tracker.logging or tracker.sim is not None:
+            try:
+                tracker.collect()
+            except devmig_native.DevmigError as e:
                 raise SessionError(
-                    Code.FAILED_PRECONDITION, "NotSource", "dirty pages come from the source"
-                )
-            handle = s.device.handle
-            if not isinstance(handle, devmig_native.SimDevice):
-                raise SessionError(
-                    Code.FAILED_PRECONDITION,
-                    "NoDirtySource",
-                    f"device {s.device.id} offers the agent no dirty-page log",
-                )
-            first = True
-        while True:
-            with self._lock:
-                if s.phase in (Phase.PREPARED,):
-                    raise SessionError(
-                        Code.FAILED_PRECONDITION, "NotStarted", "pre-copy has not started"
-                    )
-                fresh = handle.dirty_take(devmig_native.DirtySource.LOGGED)
-                if s.dirty_seen is None:
-                    s.dirty_seen = bytearray(len(fresh))
-                devmig_native.bitmap_or(s.dirty_seen, fresh)
-                final = s.phase is not Phase.PRE_COPY
-                out = bytes(s.dirty_seen) if first else bytes(fresh)
-            npages = len(out) * 8
-            yield PAGE_SIZE, devmig_native.bitmap_encode(out, npages, PAGE_SIZE), final
-            first = False
-            if final or not alive():
-                return
-            with self._lock:
-                self._changed.wait(interval)
+                    Code.FAILED_PRECONDITION, "DirtyLogUnreadable", f"reading the DMA log: {e}"
+                ) from e
+        return tracker.npages, tracker.take(key), final
+
+    def vmm_dirty(self, device_id: str) -> tuple[int, int, bytes, bool]:
+        """The VMM's dirty-page pull: (page_size, npages, bitmap, final), the
+        pages dirtied since this device's VMM pulled last (the first pull:
+        since pre-copy began)."""
+        with self._lock:
+            for s in self._sessions.values():
+                if s.device.id == device_id and s.role is Role.SOURCE and not s.phase.final:
+                    tracker = self._tracker(s)
+                    npages, out, final = self._take_dirty(s, tracker, ("vmm", device_id))
+                    return PAGE_SIZE, npages, out, final
+        raise SessionError(
+            Code.FAILED_PRECONDITION, "NotMigrating", f"{device_id} is not a migration's source"
+        )
 
     def watch(
         self, session_id: str, token: str, interval_ms: int, alive: Callable[[], bool]

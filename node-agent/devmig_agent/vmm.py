@@ -9,32 +9,69 @@ the connection closed, so a later version can be told apart.
 
 VMM -> agent::
 
-    {"v":1, "op":"register", "id":1, "device":"0000:3b:00.1"}
+    {"v":1, "op":"register", "id":1, "device":"0000:3b:00.1",
+     "iova_ranges":[[0, 8589934592]]}
     {"v":1, "op":"ack", "id":7}
     {"v":1, "op":"nack", "id":7, "reason":"CannotUnmap", "message":"..."}
+    {"v":1, "op":"dirty", "id":2, "device":"..."}
+    {"v":1, "op":"bar", "id":3, "device":"...", "offset":4112, "write":true,
+     "value":1, "mapped":false}          (simulated devices only)
+    {"v":1, "op":"guest", "id":4, "device":"...", "offset":0, "length":4096}
+                                         (simulated devices only)
 
 agent -> VMM::
 
     {"v":1, "op":"registered", "id":1, "device":"...", "incarnation":"9f..",
      "fd":"vfio"}                 + the device fd (SCM_RIGHTS, on this line)
     {"v":1, "op":"error", "id":1, "reason":"UnknownDevice", "message":"..."}
-    {"v":1, "op":"traps", "id":7, "device":"...", "on":true}
+    {"v":1, "op":"traps", "id":7, "device":"...", "on":true,
+     "mappable":[{"region":0, "offset":8192, "size":57344}]}
     {"v":1, "op":"pause", "id":8, "device":"..."}
     {"v":1, "op":"resume", "id":9, "device":"..."}
+    {"v":1, "op":"dirty", "id":2, "device":"...", "page_size":4096,
+     "npages":262144, "bitmap":"<base64 DMDB>", "final":false}
+    {"v":1, "op":"bar", "id":3, "device":"...", "value":0}
+    {"v":1, "op":"guest", "id":4, "device":"...", "offset":0, "data":"<base64>"}
 
 Ids: the VMM numbers its requests, the agent numbers its own; replies carry
 the id of the request they answer. Every agent request must be answered
 ``ack`` (done) or ``nack`` (refused, with a CamelCase reason). ``ack`` means:
 
-- ``traps on``: no vCPU can reach the device's BAR areas through a direct
-  mapping any more (unmapped, vCPUs past the change); accesses exit to the
-  VMM and reach the device through region reads and writes. The agent
-  asks before the device enters PRE_COPY and StartPreCopy returns only
-  after the ack. ``traps off`` (after a rollback, the device RUNNING): the
-  mappings may come back.
+- ``traps``: from the ack on, no vCPU reaches any BAR area outside
+  ``mappable`` through a direct mapping (unmapped, every vCPU past the
+  change); accesses there exit to the VMM and reach the device through
+  region reads and writes. Areas in ``mappable`` may be mapped (again).
+  ``on`` says whether the device is migrating. StartPreCopy sends two:
+  ``on`` with nothing mappable before the device leaves RUNNING, then,
+  once the device is in PRE_COPY and its sparse-mmap capability was
+  re-read, ``on`` with what the device allows now; it returns after the
+  second ack. After a rollback (device RUNNING again, capability re-read):
+  ``on:false`` with what RUNNING allows. A VMM that ignores ``mappable``
+  and keeps everything trapped while ``on`` is correct, only slower.
 - ``pause``: no vCPU runs (sent before STOP_COPY). ``resume``: they run
   again (on the target after the commit point; on the source after a
   rollback).
+
+``dirty`` (the memory migration's pull, on the source): the guest pages
+the device's DMA wrote since this device's previous pull (the first pull:
+since pre-copy began), as devmig's DMDB bitmap encoding (see
+agent-native/include/devmig/bitmap.h; ``devmig_native.bitmap_decode``).
+``final`` is true once the device stopped (STOP_COPY and after): it writes
+no guest memory after that, so a final pull holds the last pages. The
+pages come from the device's DMA logging over the ``iova_ranges`` given at
+registration (at most ``MAX_IOVA_RANGES``) and, on a simulated device,
+also from its trap-based logging. Errors: ``NotMigrating``,
+``NoDirtySource``.
+
+``bar`` and ``guest`` exist because a simulated device lives inside the
+agent: they are a vCPU's 8-byte BAR access (``mapped``: through the VMM's
+mapping, which the device checks against what it requires trapped, and
+counts as a missed trap when it bypasses one) and a read of the guest
+memory its DMA writes (at most ``MAX_GUEST_READ`` bytes). A real device's
+VMM uses its fd and its own memory instead (``NotSimulated``).
+
+Agent -> VMM lines may be up to ``MAX_REPLY`` bytes (a dirty bitmap of a
+large guest); VMM -> agent lines up to ``MAX_LINE``.
 
 ``fd``: ``"vfio"`` is a duplicate of the device's VFIO fd. A simulated
 device lives in the agent and has no fd, so it sends ``"placeholder"``
@@ -58,14 +95,15 @@ its own). The restarted agent re-opens the device from that fd
 (``VmmReacquirer``) and reads its state from the device. A placeholder
 carries no device: a simulated device's state died with the old agent.
 
-Not in version 1 yet: the dirty-page pull for the memory migration.
 """
 
 from __future__ import annotations
 
 import array
+import base64
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -79,7 +117,8 @@ from typing import Any
 
 import devmig_native
 from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
-from devmig_agent.sessions import VmmError
+from devmig_agent.sessions import Code, SessionError, VmmError
+from devmig_agent.tracking import Area
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +126,16 @@ VERSION = 1
 # The longest line either side accepts, bytes: messages are a few hundred
 # bytes; 64 KiB leaves room for later fields and bounds a hostile peer.
 MAX_LINE = 64 * 1024
+# The longest agent -> VMM line, bytes: a dirty reply's DMDB encoding is at
+# most about one bit per guest page, 4/3 larger in base64; 64 MiB covers a
+# 1.5 TiB guest all dirty.
+MAX_REPLY = 64 << 20
+# Guest IOVA ranges one registration may give: what the kernel's DMA
+# logging accepts in one start (a 4 KiB page of 16-byte ranges).
+MAX_IOVA_RANGES = 256
+# The largest ``guest`` read, bytes: 16 pages keep a reply well under
+# MAX_LINE-sized buffers on either side.
+MAX_GUEST_READ = 64 * 1024
 # How long the agent waits for a VMM's ack, seconds. Trapping means
 # unmapping BARs and kicking every vCPU out of the guest once, and pausing
 # means stopping them: milliseconds for a healthy VMM. 10 s tells a hung
@@ -99,6 +148,8 @@ ACK_TIMEOUT_S = 10.0
 RECLAIM_WAIT_S = 15.0
 
 FdFor = Callable[[ManagedDevice], tuple[int, str]]
+# The manager's VMM pull: device id -> (page_size, npages, bitmap, final).
+DirtySource = Callable[[str], tuple[int, int, bytes, bool]]
 OpenDevice = Callable[[int], devmig_native.Device]
 
 
@@ -122,15 +173,18 @@ def send_line(conn: socket.socket, msg: dict[str, Any], fd: int = -1) -> None:
 class LineReader:
     """JSON lines from a socket, with the fds that came along (SCM_RIGHTS)."""
 
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, max_line: int = MAX_LINE) -> None:
         self.conn = conn
-        self.buf = b""
+        self.max_line = max_line
+        self.buf = bytearray()
         self.fds: list[int] = []
 
     def read(self) -> dict[str, Any] | None:
         """The next message, or None at the end of the connection."""
-        while b"\n" not in self.buf:
-            if len(self.buf) > MAX_LINE:
+        scanned = 0  # bytes of buf known to hold no newline
+        while (end := self.buf.find(b"\n", scanned)) < 0:
+            scanned = len(self.buf)
+            if scanned > self.max_line:
                 raise ValueError("line too long")
             fds = array.array("i")
             data, anc, _flags, _addr = self.conn.recvmsg(
@@ -143,11 +197,36 @@ class LineReader:
             if not data:
                 return None
             self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 1]
         msg = json.loads(line)
         if not isinstance(msg, dict):
             raise ValueError("a message is a JSON object")
         return msg
+
+
+def _iova_ranges(raw: Any) -> list[tuple[int, int]]:
+    """A registration's ``iova_ranges``: [[iova, length], ...], page-aligned,
+    non-empty, not overlapping, at most MAX_IOVA_RANGES."""
+    if not isinstance(raw, list) or len(raw) > MAX_IOVA_RANGES:
+        raise ValueError(f"iova_ranges: a list of at most {MAX_IOVA_RANGES} [iova, length]")
+    out: list[tuple[int, int]] = []
+    for r in raw:
+        if (
+            not isinstance(r, list)
+            or len(r) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        ):
+            raise ValueError(f"iova_ranges: {r!r} is not [iova, length]")
+        iova, length = r
+        if iova < 0 or length <= 0 or iova % 4096 or length % 4096 or iova + length > 1 << 64:
+            raise ValueError(f"iova_ranges: [{iova}, {length}] is not a 4 KiB-aligned range")
+        out.append((iova, length))
+    out.sort()
+    for (a, la), (b, _) in itertools.pairwise(out):
+        if a + la > b:
+            raise ValueError(f"iova_ranges: [{a}, {la}] overlaps the range at {b}")
+    return out
 
 
 def placeholder_fd(device: ManagedDevice) -> tuple[int, str]:
@@ -186,14 +265,19 @@ class VmmHub:
         allowed_uid: int | None = None,
         fd_for: FdFor = placeholder_fd,
         ack_timeout_s: float = ACK_TIMEOUT_S,
+        dirty_source: DirtySource | None = None,
     ) -> None:
         self.path = path
         self.registry = registry
         self.allowed_uid = allowed_uid
         self.fd_for = fd_for
         self.ack_timeout_s = ack_timeout_s
+        # Set once the session manager exists (it takes the hub).
+        self.dirty_source = dirty_source
         self._lock = threading.Lock()
         self._by_device: dict[str, _Conn] = {}
+        # Guest IOVA ranges each device's VMM registered, for DMA logging.
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
         self._next_id = 0
         # Fds VMMs handed back after a restart: device -> (incarnation, kind, fd).
         self._returned: dict[str, tuple[str, str, int]] = {}
@@ -298,6 +382,9 @@ class VmmHub:
                 p.reply = msg
                 p.done.set()
             return
+        if op in ("bar", "guest", "dirty"):
+            self._serve_request(conn, msg)
+            return
         if op != "register":
             conn.send(
                 {
@@ -309,6 +396,18 @@ class VmmHub:
             )
             return
         device_id = str(msg.get("device", ""))
+        try:
+            ranges = _iova_ranges(msg.get("iova_ranges", []))
+        except ValueError as e:
+            conn.send(
+                {
+                    "op": "error",
+                    "id": msg.get("id", 0),
+                    "reason": "BadIovaRanges",
+                    "message": str(e),
+                }
+            )
+            return
         try:
             dev = self.registry.get(device_id)
         except UnknownDevice as e:
@@ -329,6 +428,7 @@ class VmmHub:
                 busy = False
                 self._by_device[device_id] = conn
                 conn.devices.add(device_id)
+                self._ranges[device_id] = ranges
         if busy:
             if handed_back >= 0:
                 os.close(handed_back)
@@ -382,12 +482,94 @@ class VmmHub:
             os.close(fd)  # the VMM has its own duplicate now
         log.info("VMM registered for %s", device_id)
 
+    def _serve_request(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """A VMM's own request, for a device it registered. ``dirty`` takes
+        the session manager's lock, which a migration step holds while it
+        waits for this very connection's ack: it runs on its own thread so
+        this reader keeps reading."""
+        rid, op, device_id = msg.get("id", 0), str(msg.get("op")), str(msg.get("device", ""))
+
+        def fail(reason: str, message: str) -> None:
+            with contextlib.suppress(OSError):
+                conn.send({"op": "error", "id": rid, "reason": reason, "message": message})
+
+        with self._lock:
+            mine = device_id in conn.devices and self._by_device.get(device_id) is conn
+        if not mine:
+            fail("NotRegistered", f"this connection did not register {device_id!r}")
+            return
+        if op == "dirty":
+            threading.Thread(
+                target=self._serve_dirty, args=(conn, rid, device_id), daemon=True, name="vmm-dirty"
+            ).start()
+            return
+        try:
+            handle = self.registry.get(device_id).handle
+        except UnknownDevice as e:
+            fail("UnknownDevice", str(e))
+            return
+        if not isinstance(handle, devmig_native.SimDevice):
+            fail("NotSimulated", f"{op} is for simulated devices; use the device fd")
+            return
+        try:
+            if op == "bar":
+                offset = int(msg.get("offset", -1))
+                if msg.get("write"):
+                    handle.bar_write(offset, int(msg.get("value", 0)), bool(msg.get("mapped")))
+                    value = 0
+                else:
+                    value = handle.bar_read(offset, bool(msg.get("mapped")))
+                reply: dict[str, Any] = {
+                    "op": "bar",
+                    "id": rid,
+                    "device": device_id,
+                    "value": value,
+                }
+            else:
+                offset, length = int(msg.get("offset", -1)), int(msg.get("length", -1))
+                if offset < 0 or not 0 < length <= MAX_GUEST_READ:
+                    raise ValueError(f"offset >= 0 and 0 < length <= {MAX_GUEST_READ}")
+                data = handle.guest_read(offset, length)
+                reply = {
+                    "op": "guest",
+                    "id": rid,
+                    "device": device_id,
+                    "offset": offset,
+                    "data": base64.b64encode(data).decode(),
+                }
+        except (OSError, ValueError, TypeError, OverflowError) as e:
+            fail("BadAccess", str(e))
+            return
+        conn.send(reply)
+
+    def _serve_dirty(self, conn: _Conn, rid: Any, device_id: str) -> None:
+        try:
+            if self.dirty_source is None:
+                raise SessionError(Code.FAILED_PRECONDITION, "NotMigrating", "no sessions here")
+            page_size, npages, bitmap, final = self.dirty_source(device_id)
+            reply: dict[str, Any] = {
+                "op": "dirty",
+                "id": rid,
+                "device": device_id,
+                "page_size": page_size,
+                "npages": npages,
+                "bitmap": base64.b64encode(
+                    devmig_native.bitmap_encode(bitmap, npages, page_size)
+                ).decode(),
+                "final": final,
+            }
+        except SessionError as e:
+            reply = {"op": "error", "id": rid, "reason": e.reason, "message": e.message}
+        with contextlib.suppress(OSError):
+            conn.send(reply)
+
     def _drop(self, conn: _Conn) -> None:
         with self._lock:
             conn.closed = True
             for d in conn.devices:
                 if self._by_device.get(d) is conn:
                     del self._by_device[d]
+                    self._ranges.pop(d, None)
             pending = list(conn.pending.values())
         for p in pending:
             p.done.set()  # reply None: the VMM is gone
@@ -424,8 +606,12 @@ class VmmHub:
             with self._lock:
                 conn.pending.pop(rid, None)
 
-    def traps(self, device_id: str, on: bool) -> None:
-        self._request(device_id, "traps", on=on)
+    def traps(self, device_id: str, on: bool, mappable: list[Area]) -> None:
+        self._request(device_id, "traps", on=on, mappable=[a.to_wire() for a in mappable])
+
+    def dma_ranges(self, device_id: str) -> list[tuple[int, int]]:
+        with self._lock:
+            return list(self._ranges.get(device_id, []))
 
     def pause(self, device_id: str) -> None:
         self._request(device_id, "pause")

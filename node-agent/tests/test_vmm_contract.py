@@ -166,7 +166,7 @@ def test_the_vmm_traps_before_pre_copy_pauses_before_stop_copy_and_resumes_on_th
         b.manager.finish(SID, TOKEN)
         assert not dst.paused and dst.wait_direct(10)  # the guest runs on the target
         assert src.counts() == frozen  # the source guest never ran again
-        assert [r["op"] for r in src.requests] == ["traps", "pause"]
+        assert [r["op"] for r in src.requests] == ["traps", "traps", "pause"]
         assert [r["op"] for r in dst.requests] == ["resume"]
     finally:
         src.close()
@@ -187,8 +187,8 @@ def test_a_rollback_gives_passthrough_back_and_resumes_the_source_vmm(
         a.manager.abort(SID, TOKEN, "operator")
         assert a.device.handle.state is MigState.RUNNING
         assert not src.traps_on and not src.paused
-        assert [r["op"] for r in src.requests] == ["traps", "pause", "traps", "resume"]
-        assert src.requests[2]["on"] is False
+        assert [r["op"] for r in src.requests] == ["traps", "traps", "pause", "traps", "resume"]
+        assert src.requests[3]["on"] is False
     finally:
         src.close()
 

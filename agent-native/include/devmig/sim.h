@@ -82,6 +82,9 @@ struct devmig_sim_stats {
 	uint64_t dma_deferred;    /* DMA requests while quiesced (not run) */
 };
 int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st);
+/* Only the BAR's counters (the fields after "The BAR"), under the BAR's own
+ * lock: safe while another thread drives the device (a pump). */
+int devmig_sim_bar_stats(struct devmig_dev *d, struct devmig_sim_stats *st);
 
 /* ---- the BAR, its DMA engine and trap-based dirty logging ----
  * Region DEVMIG_SIM_BAR_INDEX, 64 KiB, 8-byte registers. Page 0 (control)

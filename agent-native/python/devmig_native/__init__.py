@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Self
 from devmig_native import _native
 
 __all__ = [
+    "BarStats",
     "ChecksumImpl",
     "Device",
     "DevmigError",
@@ -483,6 +484,16 @@ class SimStats:
     dma_deferred: int
 
 
+@dataclasses.dataclass(frozen=True)
+class BarStats:
+    """The simulated BAR's counters since open (see SimStats)."""
+
+    missed_traps: int
+    dma_ops: int
+    dma_pages: int
+    dma_deferred: int
+
+
 class SimDevice(Device):
     """The simulated migratable device (kernel semantics, no hardware)."""
 
@@ -512,6 +523,9 @@ class SimDevice(Device):
             guest_mem_size,
         )
         super().__init__(handle)
+        # Bytes of guest memory the device's DMA engine writes (IOVA 0 on),
+        # as the C side sizes it: whole 4 KiB pages, 0 meaning 1 MiB.
+        self.guest_size = max((guest_mem_size or 1 << 20) // 4096, 1) * 4096
 
     def fail_arc(
         self, from_state: MigState, to_state: MigState, err: int, end_in_error: bool = False
@@ -560,6 +574,10 @@ class SimDevice(Device):
     def dirty_take(self, source: DirtySource) -> bytearray:
         """Take and clear the guest pages DMA wrote, or the device logged."""
         return self._h.sim_dirty_take(int(source))
+
+    def bar_stats(self) -> BarStats:
+        """The BAR's counters only; never waits for a pump holding the device."""
+        return BarStats(**self._h.sim_bar_stats())
 
     def stats(self) -> SimStats:
         st = self._h.sim_stats()

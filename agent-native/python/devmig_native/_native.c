@@ -162,6 +162,10 @@ typedef struct {
 	PyObject_HEAD
 	struct devmig_dev *dev;
 	PyThread_type_lock lock;
+	/* Calls that may run while a pump holds `lock` (the BAR, region info,
+	 * the DMA log report, guest memory) take only this one; close takes
+	 * both, so none of them runs on a closed device. Order: lock, then side. */
+	PyThread_type_lock side;
 	PyObject *log_cb;
 } DeviceObject;
 
@@ -170,6 +174,26 @@ typedef struct {
 	do {                                                                 \
 		Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock((self)->lock, WAIT_LOCK); \
 		stmt;                                                        \
+		PyThread_release_lock((self)->lock);                         \
+		Py_END_ALLOW_THREADS                                         \
+	} while (0)
+
+/* Run `stmt` without the GIL, holding only the device's side lock. */
+#define SIDE(self, stmt)                                                     \
+	do {                                                                 \
+		Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock((self)->side, WAIT_LOCK); \
+		stmt;                                                        \
+		PyThread_release_lock((self)->side);                         \
+		Py_END_ALLOW_THREADS                                         \
+	} while (0)
+
+/* Both: for calls that change what side calls read. */
+#define BOTH(self, stmt)                                                     \
+	do {                                                                 \
+		Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock((self)->lock, WAIT_LOCK); \
+		PyThread_acquire_lock((self)->side, WAIT_LOCK);              \
+		stmt;                                                        \
+		PyThread_release_lock((self)->side);                         \
 		PyThread_release_lock((self)->lock);                         \
 		Py_END_ALLOW_THREADS                                         \
 	} while (0)
@@ -201,7 +225,8 @@ static PyObject *wrap(struct devmig_dev *d)
 	o->dev = d;
 	o->log_cb = NULL;
 	o->lock = PyThread_allocate_lock();
-	if (!o->lock) {
+	o->side = PyThread_allocate_lock();
+	if (!o->lock || !o->side) {
 		Py_DECREF(o);
 		return PyErr_NoMemory();
 	}
@@ -272,6 +297,8 @@ static void dev_dealloc(DeviceObject *self)
 		devmig_dev_close(self->dev);
 	if (self->lock)
 		PyThread_free_lock(self->lock);
+	if (self->side)
+		PyThread_free_lock(self->side);
 	Py_XDECREF(self->log_cb);
 	PyObject_Free(self);
 }
@@ -282,7 +309,7 @@ static PyObject *dev_close(DeviceObject *self, PyObject *unused)
 	if (self->dev) {
 		struct devmig_dev *d = self->dev;
 
-		LOCKED(self, devmig_dev_close(d));
+		BOTH(self, devmig_dev_close(d));
 		self->dev = NULL;
 	}
 	Py_RETURN_NONE;
@@ -604,6 +631,25 @@ static PyObject *sim_touch(DeviceObject *self, PyObject *arg)
 	return r < 0 ? dev_err(self, r) : Py_NewRef(Py_None);
 }
 
+/* The BAR's counters alone: the side lock, so a vCPU-facing caller never
+ * waits for a pump. */
+static PyObject *sim_bar_stats(DeviceObject *self, PyObject *unused)
+{
+	struct devmig_sim_stats st;
+	int r;
+
+	(void)unused;
+	if (!alive(self))
+		return NULL;
+	memset(&st, 0, sizeof(st));
+	SIDE(self, r = devmig_sim_bar_stats(self->dev, &st));
+	if (r < 0)
+		return dev_err(self, r);
+	return Py_BuildValue("{sKsKsKsK}", "missed_traps", (unsigned long long)st.missed_traps, "dma_ops",
+			     (unsigned long long)st.dma_ops, "dma_pages", (unsigned long long)st.dma_pages,
+			     "dma_deferred", (unsigned long long)st.dma_deferred);
+}
+
 static PyObject *sim_stats(DeviceObject *self, PyObject *unused)
 {
 	struct devmig_sim_stats st;
@@ -641,7 +687,7 @@ static PyObject *dev_region_info(DeviceObject *self, PyObject *arg)
 
 	if (PyErr_Occurred() || !alive(self))
 		return NULL;
-	LOCKED(self, r = devmig_dev_region_info(self->dev, (uint32_t)idx, &ri));
+	SIDE(self, r = devmig_dev_region_info(self->dev, (uint32_t)idx, &ri));
 	if (r < 0)
 		return dev_err(self, r);
 	areas = PyList_New(0);
@@ -694,7 +740,7 @@ static PyObject *dev_dma_log_start(DeviceObject *self, PyObject *args)
 	}
 	Py_DECREF(seq);
 	uint64_t page = ps;
-	LOCKED(self, r = devmig_dma_log_start(self->dev, rg, (uint32_t)n, &page));
+	BOTH(self, r = devmig_dma_log_start(self->dev, rg, (uint32_t)n, &page));
 	PyMem_Free(rg);
 	if (r < 0)
 		return dev_err(self, r);
@@ -708,7 +754,7 @@ static PyObject *dev_dma_log_stop(DeviceObject *self, PyObject *unused)
 	(void)unused;
 	if (!alive(self))
 		return NULL;
-	LOCKED(self, r = devmig_dma_log_stop(self->dev));
+	BOTH(self, r = devmig_dma_log_stop(self->dev));
 	if (r < 0)
 		return dev_err(self, r);
 	Py_RETURN_NONE;
@@ -732,7 +778,7 @@ static PyObject *dev_dma_log_report(DeviceObject *self, PyObject *args)
 	if (!out)
 		return NULL;
 	uint64_t *bm = (uint64_t *)(void *)PyByteArray_AS_STRING(out);
-	LOCKED(self, r = devmig_dma_log_report(self->dev, iova, len, ps, bm, words ? words : 1));
+	SIDE(self, r = devmig_dma_log_report(self->dev, iova, len, ps, bm, words ? words : 1));
 	if (r < 0) {
 		Py_DECREF(out);
 		return dev_err(self, r);
@@ -741,7 +787,7 @@ static PyObject *dev_dma_log_report(DeviceObject *self, PyObject *args)
 }
 
 /* The BAR is thread-safe in C and used by vCPU threads while a pump may
- * hold the device: no device lock here, only the GIL released. */
+ * hold the device: the side lock only. */
 static PyObject *sim_bar_access(DeviceObject *self, PyObject *args)
 {
 	int mapped, write, r;
@@ -751,9 +797,7 @@ static PyObject *sim_bar_access(DeviceObject *self, PyObject *args)
 	if (!PyArg_ParseTuple(args, "ppK|K", &mapped, &write, &off, &val) || !alive(self))
 		return NULL;
 	v = val;
-	Py_BEGIN_ALLOW_THREADS
-	r = devmig_sim_bar_access(self->dev, mapped, write, off, &v);
-	Py_END_ALLOW_THREADS
+	SIDE(self, r = devmig_sim_bar_access(self->dev, mapped, write, off, &v));
 	if (r < 0)
 		return dev_err(self, r);
 	return PyLong_FromUnsignedLongLong(v);
@@ -779,6 +823,8 @@ static PyObject *sim_guest_read(DeviceObject *self, PyObject *args)
 	uint64_t size;
 	int r;
 
+	PyObject *out;
+
 	if (!PyArg_ParseTuple(args, "KK", &off, &len) || !alive(self))
 		return NULL;
 	r = devmig_sim_guest_mem(self->dev, &mem, &size);
@@ -788,7 +834,13 @@ static PyObject *sim_guest_read(DeviceObject *self, PyObject *args)
 		PyErr_SetString(PyExc_ValueError, "outside the guest memory");
 		return NULL;
 	}
-	return PyBytes_FromStringAndSize((const char *)mem + off, (Py_ssize_t)len);
+	out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+	if (!out)
+		return NULL;
+	/* Under the side lock: the device's DMA engine writes this memory,
+	 * and a close frees it. */
+	SIDE(self, memcpy(PyBytes_AS_STRING(out), mem + off, len));
+	return out;
 }
 
 static PyObject *sim_dirty_take(DeviceObject *self, PyObject *arg)
@@ -808,9 +860,7 @@ static PyObject *sim_dirty_take(DeviceObject *self, PyObject *arg)
 	out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(words * 8));
 	if (!out)
 		return NULL;
-	Py_BEGIN_ALLOW_THREADS
-	r = devmig_sim_dirty_take(self->dev, (int)which, (uint64_t *)(void *)PyByteArray_AS_STRING(out), words);
-	Py_END_ALLOW_THREADS
+	SIDE(self, r = devmig_sim_dirty_take(self->dev, (int)which, (uint64_t *)(void *)PyByteArray_AS_STRING(out), words));
 	if (r < 0) {
 		Py_DECREF(out);
 		return dev_err(self, r);
@@ -932,6 +982,7 @@ static PyMethodDef dev_methods[] = {
 	{ "sim_bar_access", (PyCFunction)sim_bar_access, METH_VARARGS, "Simulated device: sim_bar_access(mapped, write, off, val=0) -> value." },
 	{ "sim_reeval_eventfd", (PyCFunction)sim_reeval_eventfd, METH_NOARGS, "Simulated device: the re-evaluate eventfd." },
 	{ "sim_guest_read", (PyCFunction)sim_guest_read, METH_VARARGS, "Simulated device: sim_guest_read(offset, length) -> bytes." },
+	{ "sim_bar_stats", (PyCFunction)sim_bar_stats, METH_NOARGS, "Simulated device: the BAR's counters, without waiting for a pump." },
 	{ "sim_dirty_take", (PyCFunction)sim_dirty_take, METH_O, "Simulated device: take the DMA-written (0) or logged (1) pages." },
 	{ NULL, NULL, 0, NULL },
 };

@@ -766,6 +766,15 @@ int devmig_sim_stats(struct devmig_dev *d, struct devmig_sim_stats *st)
 	if (!s)
 		return -ENODEV;
 	*st = s->st;
+	return devmig_sim_bar_stats(d, st);
+}
+
+int devmig_sim_bar_stats(struct devmig_dev *d, struct devmig_sim_stats *st)
+{
+	struct sim *s = to_sim(d);
+
+	if (!s)
+		return -ENODEV;
 	pthread_mutex_lock(&s->bar.mu);
 	st->missed_traps = s->bar.missed_traps;
 	st->dma_ops = s->bar.dma_ops;
