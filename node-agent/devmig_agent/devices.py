@@ -62,6 +62,9 @@ class DeviceRegistry:
     def __init__(self, devices: list[ManagedDevice]) -> None:
         self._lock = threading.Lock()
         self._devices = {d.id: d for d in devices}
+        # VFIO devices found on the node that the agent has not opened
+        # (discovery.py): listed, not yet migratable through this agent.
+        self._discovered: dict[str, InventoryDevice] = {}
         self.changed = threading.Condition(self._lock)
         self.generation = 0
 
@@ -116,6 +119,15 @@ class DeviceRegistry:
         by_id = {d.id: d for d in devices}
         changed = False
         with self._lock:
+            for i, found in self._discovered.items():
+                n = by_id.get(i)
+                if n is not None:
+                    new_found = dataclasses.replace(
+                        found, pod=n.pod, vmi=n.vmi, resource_name=n.resource_name
+                    )
+                    if new_found != found:
+                        self._discovered[i] = new_found
+                        changed = True
             for d in self._devices.values():
                 n = by_id.get(d.id)
                 if n is None:
@@ -131,8 +143,37 @@ class DeviceRegistry:
         return changed
 
     def inventory(self) -> list[InventoryDevice]:
-        """What the node's NodeDeviceInventory lists."""
-        return [d.info for d in self.all()]
+        """What the node's NodeDeviceInventory lists: the devices the agent
+        holds open, then those it only found."""
+        return [d.info for d in self.all()] + self.discovered()
+
+    def discovered(self) -> list[InventoryDevice]:
+        with self._lock:
+            return sorted(
+                (d for i, d in self._discovered.items() if i not in self._devices),
+                key=lambda d: d.id,
+            )
+
+    def set_discovered(self, found: list[InventoryDevice]) -> bool:
+        """Replace the found-only devices (a sysfs walk's result, with the
+        kubelet's holders kept); True if anything changed."""
+        with self._lock:
+            new = {}
+            for d in found:
+                old = self._discovered.get(d.id)
+                if old is not None:
+                    d = dataclasses.replace(
+                        d,
+                        pod=old.pod,
+                        vmi=old.vmi,
+                        resource_name=d.resource_name or old.resource_name,
+                    )
+                new[d.id] = d
+            if new == self._discovered:
+                return False
+            self._discovered = new
+            self._bump()
+            return True
 
     def all(self) -> list[ManagedDevice]:
         with self._lock:

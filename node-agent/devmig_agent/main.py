@@ -37,6 +37,7 @@ import grpc
 from devmig_agent import (
     datapath,
     devices,
+    discovery,
     health,
     hooks_kubevirt,
     hooks_sessions,
@@ -95,6 +96,18 @@ def refresh_holders(
             except podresources.PodResourcesError as e:
                 log.warning("pod resources: %s", e)
             stop.wait(HOLDERS_POLL_SECONDS)
+
+
+def rediscover(
+    registry: devices.DeviceRegistry, find: discovery.Discovery, stop: threading.Event
+) -> None:
+    """Walk sysfs again every poll: a device bound to vfio-pci, or an mdev
+    created, appears in the inventory within one interval."""
+    while not stop.wait(inventory.POLL_SECONDS):
+        try:
+            registry.set_discovered(find())
+        except OSError as e:
+            log.warning("VFIO discovery: %s", e)
 
 
 def kube_api() -> Any:
@@ -179,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("DEVMIG_POD_RESOURCES_SOCKET", podresources.DEFAULT_SOCKET),
         help="the kubelet's pod-resources socket, read when it exists "
         "(env DEVMIG_POD_RESOURCES_SOCKET; default %(default)s)",
+    )
+    p.add_argument(
+        "--vfio-discovery",
+        choices=("on", "off"),
+        default=os.environ.get("DEVMIG_VFIO_DISCOVERY", "on"),
+        help="list the node's VFIO devices (PCI functions on vfio-pci or a variant, "
+        "mdevs) from sysfs, probing each for migration (env DEVMIG_VFIO_DISCOVERY; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--sysfs-root", default="/sys", help="where sysfs is mounted (default %(default)s)"
+    )
+    p.add_argument(
+        "--dev-root", default="/dev", help="where the device nodes are (default %(default)s)"
     )
     p.add_argument(
         "--vmm-socket",
@@ -284,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                 snap.message,
             )
         log.info("%d simulated device(s); device state accepted on %s", spec.count, dp.advertise)
+    find: discovery.Discovery | None = None
+    if a.vfio_discovery == "on":
+        registry = registry or devices.DeviceRegistry([])
+        find = discovery.Discovery(a.sysfs_root, a.dev_root)
+        registry.set_discovered(find())
+        log.info("%d VFIO device(s) found in %s", len(registry.discovered()), a.sysfs_root)
     server.add_to_server(srv, a.node_name, registry, sessions_)
     agent_health = health.AgentHealth()
     agent_health.add_to(srv)
@@ -305,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     if sessions_ is not None:
         threading.Thread(
             target=sessions_.run_recovery_deadlines, args=(stop,), daemon=True, name="recovery"
+        ).start()
+    if find is not None and registry is not None:
+        threading.Thread(
+            target=rediscover, args=(registry, find, stop), daemon=True, name="discovery"
         ).start()
     if registry is not None and not a.sim_holder and os.path.exists(a.pod_resources_socket):
         threading.Thread(

@@ -16,6 +16,7 @@ import devmig_agent
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
+from devmig_agent.inventory import InventoryDevice
 from devmig_agent.sessions import Code, Role, SessionError, SessionManager, Snapshot
 
 T = TypeVar("T")
@@ -49,8 +50,11 @@ def state_enum(name: str) -> int:
     return int(agent_pb2.VfioDeviceState.Value(f"VFIO_DEVICE_STATE_{name}"))
 
 
-def device_message(d: ManagedDevice) -> agent_pb2.Device:
-    i = d.info
+def device_message(d: ManagedDevice | InventoryDevice) -> agent_pb2.Device:
+    """A device for ListDevices: one the agent holds open (with its state
+    and session), or one it only found on the node (state unspecified)."""
+    i = d.info if isinstance(d, ManagedDevice) else d
+    managed = d if isinstance(d, ManagedDevice) else None
     return agent_pb2.Device(
         id=i.id,
         resource_name=i.resource_name,
@@ -69,8 +73,8 @@ def device_message(d: ManagedDevice) -> agent_pb2.Device:
         not_migratable_reason=i.not_migratable_reason,
         pod=i.pod,
         vmi=i.vmi,
-        state=state_enum(d.handle.state.name),
-        session_id=d.session_id,
+        state=state_enum(managed.handle.state.name) if managed else 0,
+        session_id=managed.session_id if managed else "",
     )
 
 
@@ -152,9 +156,12 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def ListDevices(
         self, request: agent_pb2.ListDevicesRequest, context: grpc.ServicerContext
     ) -> agent_pb2.ListDevicesResponse:
-        return agent_pb2.ListDevicesResponse(
-            devices=[device_message(d) for d in self.registry.all()]
-        )
+        return agent_pb2.ListDevicesResponse(devices=self._device_messages())
+
+    def _device_messages(self) -> list[agent_pb2.Device]:
+        found: list[ManagedDevice | InventoryDevice] = [*self.registry.all()]
+        found += self.registry.discovered()
+        return [device_message(d) for d in found]
 
     def WatchDevices(
         self, request: agent_pb2.WatchDevicesRequest, context: grpc.ServicerContext
@@ -169,9 +176,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                 gen = self.registry.generation
             if gen != seen:
                 seen = gen
-                yield agent_pb2.WatchDevicesResponse(
-                    devices=[device_message(d) for d in self.registry.all()]
-                )
+                yield agent_pb2.WatchDevicesResponse(devices=self._device_messages())
 
     def PrepareSource(
         self, request: agent_pb2.PrepareSourceRequest, context: grpc.ServicerContext
