@@ -9,8 +9,12 @@ UART, checks that a request for ERROR is refused with the same exit code
 and errno as on the simulated device, aborts a PRE_COPY back to RUNNING
 with the UART's data kept, saves with --precopy, loads into the other mdev
 and reads the same bytes back, and has a corrupted stream refused with the
-target reset. Debian's kernel has no IOMMUFD: the cdev + iommufd paths run
-on our own kernel (test_real_kernel.py).
+target reset. It also binds QEMU's "edu" PCI device to vfio-pci behind an
+emulated VT-d IOMMU (its probe must report no migration support) and
+prints the sysfs entries the agent's discovery reads; the host rebuilds
+that tree and runs the agent's walk on it (real names, links and layout).
+Debian's kernel has no IOMMUFD: the cdev + iommufd paths run on our own
+kernel (test_real_kernel.py).
 
 Cold: about a minute (the 107 MB image download and mtty's build); warm:
 a boot of a few seconds.
@@ -42,6 +46,8 @@ CHECKS = [
     "load_verified",
     "target_uart_bytes",
     "corrupt_stream_refused_target_reset",
+    "vfio_pci_bound",
+    "vfio_pci_probe_no_migration",
 ]
 RESULT = re.compile(r"^(ok|not ok) ([a-z0-9_]+)(?:: (.*))?$")
 # Taint flags an out-of-tree, unsigned module sets by itself (O = 4096,
@@ -84,12 +90,22 @@ def guest_output() -> str:
         "tcg",
         "-nic",
         "none",
+        # q35 with an emulated VT-d IOMMU, so vfio-pci can take QEMU's
+        # "edu" PCI device (vfio needs an IOMMU group; Debian's kernel has
+        # no unsafe no-IOMMU mode). Interrupt remapping on: without it
+        # vfio_iommu_type1 refuses the container (EPERM).
+        "-machine",
+        "q35",
+        "-device",
+        "intel-iommu,intremap=on",
+        "-device",
+        "edu",
         "-kernel",
         kernel,
         "-initrd",
         initrd,
         "-append",
-        "console=ttyS0 panic=-1 loglevel=4",
+        "console=ttyS0 panic=-1 loglevel=4 intel_iommu=on",
     ]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     out = r.stdout.decode(errors="replace").replace("\r", "")
@@ -117,3 +133,53 @@ def test_the_debian_guest_ended_cleanly_with_only_the_module_taints(guest_output
     assert int(t.group(1)) & ~EXPECTED_TAINT == 0, f"tainted={t.group(1)}\n{guest_output[-6000:]}"
     oops = [ln for ln in guest_output.splitlines() if re.search(r"WARNING:|BUG:|Oops", ln)]
     assert oops == [], "\n".join(oops)
+
+
+SYSFS = re.compile(r"^devmig-sysfs: (link|file|dir|node) (\S+)(?: (.*))?$")
+
+
+def rebuild_sysfs(guest_output: str, root: pathlib.Path) -> None:
+    """The guest's /sys and /dev entries, recreated under ``root``: bus
+    links and attribute links with the kernel's own (relative) targets,
+    attribute files with their contents, directories and device nodes."""
+    lines = [m for ln in guest_output.splitlines() if (m := SYSFS.match(ln.strip()))]
+    assert lines, "the guest printed no sysfs lines"
+    for m in lines:
+        kind, path, rest = m.group(1), root / m.group(2).lstrip("/"), m.group(3) or ""
+        if kind == "link":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if m.group(2).count("/") == 5:  # /sys/bus/<bus>/devices/<dev>: a device dir
+                pathlib.Path(os.path.normpath(path.parent / rest)).mkdir(parents=True)
+            path.symlink_to(rest)
+        elif kind == "file":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(rest + "\n")
+        elif kind == "dir":
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+
+def test_the_agents_sysfs_walk_reads_this_kernels_layout(
+    guest_output: str, tmp_path: pathlib.Path
+) -> None:
+    from devmig_agent import discovery
+
+    rebuild_sysfs(guest_output, tmp_path)
+    found = {f.id: f for f in discovery.walk(str(tmp_path / "sys"), str(tmp_path / "dev"))}
+    mdevs = {k: f for k, f in found.items() if f.bus == "mdev"}
+    pci = {k: f for k, f in found.items() if f.bus == "pci"}
+    # The two mtty mdevs, under their parent, with their type and group.
+    assert set(mdevs) == {
+        "83b8f4f2-509f-382f-3c1e-e6bfe0fa2001",
+        "83b8f4f2-509f-382f-3c1e-e6bfe0fa2002",
+    }
+    for f in mdevs.values():
+        assert (f.driver, f.mdev_type, f.parent) == ("mtty", "mtty-2", "mtty")
+        assert f.iommu_group >= 0 and f.group_path.endswith(f"/vfio/{f.iommu_group}")
+    # QEMU's edu device on vfio-pci, and no other PCI function (the
+    # emulated chipset's devices keep their own drivers or none).
+    (edu,) = pci.values()
+    assert (edu.driver, edu.vendor_id, edu.device_id) == ("vfio-pci", 0x1234, 0x11E8)
+    assert edu.class_code >> 8 == 0x00FF and edu.group_path.endswith(f"/vfio/{edu.iommu_group}")

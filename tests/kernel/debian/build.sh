@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian's own 6.12 kernel for the real-kernel test: the unsigned image
 # (linux-image-<abi>-unsigned, unpacked, never installed), its modules
-# vfio, vfio_iommu_type1 and mdev, and mtty.ko built out of tree from
+# vfio, vfio_iommu_type1, mdev, irqbypass, vfio-pci-core and vfio-pci, and
+# mtty.ko built out of tree from
 # linux-source-6.12's samples/vfio-mdev/mtty.c against the matching
 # linux-headers. The ABI follows the installed linux-source-6.12
 # (6.12.117-1~deb12u1 -> 6.12.117+deb12-amd64), so source, headers and
@@ -25,7 +26,10 @@ if [ -z "$srcver" ]; then
 fi
 upstream=${srcver%%-*}          # 6.12.117
 abi="$upstream+deb12-amd64"     # Debian's kernel ABI name for it
-out="$cache/debian-kernel/$abi"
+# The layout version: bump it when the module set changes, so a cache
+# built for an older set is rebuilt.
+layout=2
+out="$cache/debian-kernel/$abi-v$layout"
 if [ -f "$out/done" ]; then
   echo "$out/vmlinuz"
   echo "$out/modules"
@@ -68,10 +72,12 @@ echo 'obj-m := mtty.o' >"$work/mtty/Makefile"
 make -s -C "/usr/src/$headers" M="$work/mtty" modules >&2
 cp "$work/mtty/mtty.ko" "$work/out/modules/"
 
-# The VFIO modules mtty needs, in load order (each after what it uses):
-# vfio, then the type1 IOMMU backend and mdev.
+# The VFIO modules, in load order (each after what it uses): vfio, the
+# type1 IOMMU backend and mdev for mtty; irqbypass, vfio-pci-core and
+# vfio-pci for a PCI function bound to vfio-pci.
 order=()
-for m in drivers/vfio/vfio drivers/vfio/vfio_iommu_type1 drivers/vfio/mdev/mdev; do
+for m in drivers/vfio/vfio drivers/vfio/vfio_iommu_type1 drivers/vfio/mdev/mdev \
+  virt/lib/irqbypass drivers/vfio/pci/vfio-pci-core drivers/vfio/pci/vfio-pci; do
   f=$(ls "$moddir/$m".ko* 2>/dev/null | head -1)
   [ -n "$f" ] || { log "no $m in linux-image-$abi-unsigned"; exit 1; }
   case $f in
@@ -87,6 +93,8 @@ printf '%s\n' "${order[@]}" >"$work/out/modules/load-order.txt"
 rm -rf "$out"
 mkdir -p "$(dirname "$out")"
 mv "$work/out" "$out"
+# Older layouts of this ABI are dead weight now.
+find "$cache/debian-kernel" -mindepth 1 -maxdepth 1 -name "$abi*" ! -name "$abi-v$layout" -exec rm -rf {} +
 touch "$out/done"
 log "ready: $out"
 echo "$out/vmlinuz"
