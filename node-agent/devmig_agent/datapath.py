@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -46,6 +47,13 @@ HELLO_TIMEOUT_S = 10.0
 ROUND_INTERVAL_MS = 50
 # Relay buffer for TLS bridging, bytes: a few socket buffers' worth.
 RELAY_CHUNK = 1 << 20
+# How long a finished pump waits for its TLS relay to forward the rest,
+# seconds: at most a socket buffer and RELAY_CHUNK are left (milliseconds);
+# 30 s tells a dead peer, whose sockets are then closed, from a slow one.
+RELAY_DRAIN_S = 30.0
+# Forward once this much has gathered, bytes: a quarter of the buffer keeps
+# writes large (64 TLS records) while the rest of the buffer still fills.
+RELAY_FLUSH = RELAY_CHUNK // 4
 
 Done = Callable[[Session, Exception | None], None]
 
@@ -63,23 +71,47 @@ def _read_line(sock: socket.socket) -> bytes:
 
 
 def _relay(src: Any, dst: Any) -> None:
-    """Copy until EOF, then half-close ``dst``."""
+    """Copy until EOF, then half-close ``dst``.
+
+    Reads gather into one reused buffer and go out in large writes: a TLS
+    socket returns at most one record (16 KiB) per read, and a Python-level
+    send per record, with a fresh bytes object each, cost more than the
+    encryption. ``src`` is read non-blocking so that whatever has arrived is
+    forwarded as soon as nothing more is ready: a partial buffer never waits
+    for the next round's data."""
+    buf = bytearray(RELAY_CHUNK)
+    view = memoryview(buf)
+    filled = 0
     try:
+        src.setblocking(False)
         while True:
-            b = src.recv(RELAY_CHUNK)
-            if not b:
+            try:
+                n = src.recv_into(view[filled:])
+            except (ssl.SSLWantReadError, BlockingIOError):
+                if filled:
+                    dst.sendall(view[:filled])
+                    filled = 0
+                select.select([src], [], [])
+                continue
+            if not n:
                 break
-            dst.sendall(b)
-    except OSError:
-        pass
+            filled += n
+            if filled >= RELAY_FLUSH:
+                dst.sendall(view[:filled])
+                filled = 0
+        if filled:
+            dst.sendall(view[:filled])
+    except (OSError, ValueError):
+        pass  # a cancelled transfer shuts the sockets down under the relay
     finally:
+        view.release()
         try:
             if isinstance(dst, ssl.SSLSocket):
                 dst.unwrap()
             else:
                 dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # already closed: nothing to half-close
 
 
 def _plain_fd(conn: socket.socket, direction: str) -> tuple[int, list[Any]]:
@@ -228,7 +260,7 @@ class DataPath:
         conn.settimeout(None)
         fd, keep = _plain_fd(conn, "send")
         pump = devmig_native.Pump(session.device.handle, fd, bandwidth, ROUND_INTERVAL_MS)
-        sender = _Sender(session, pump, keep, self._done)
+        sender = _Sender(session, pump, fd, keep, self._done)
         with self._lock:
             self._active[session.id] = sender
         return sender
@@ -246,10 +278,11 @@ class _Sender:
     reports its end."""
 
     def __init__(
-        self, session: Session, pump: devmig_native.Pump, keep: list[Any], done: Done
+        self, session: Session, pump: devmig_native.Pump, fd: int, keep: list[Any], done: Done
     ) -> None:
         self.session = session
         self.pump = pump
+        self._fd = fd
         self._keep = keep
         self._cancelled = False
         threading.Thread(
@@ -264,11 +297,26 @@ class _Sender:
         except (devmig_native.DevmigError, OSError) as e:
             err = e
         finally:
+            self._drain()
             for k in self._keep:
                 if isinstance(k, socket.socket):
                     k.close()
         if not self._cancelled:
             done(self.session, err)
+
+    def _drain(self) -> None:
+        """With a TLS relay, the stream is complete only once the relay
+        forwarded what the pump left in the socketpair: close the pump's
+        end (the relay reads EOF, sends the rest and closes the TLS stream)
+        and wait for it, then close the rest."""
+        relays = [k for k in self._keep if isinstance(k, threading.Thread)]
+        if not relays:
+            return
+        for k in self._keep:
+            if isinstance(k, socket.socket) and k.fileno() == self._fd:
+                k.close()
+        for t in relays:
+            t.join(RELAY_DRAIN_S)
 
     def stop_copy(self) -> None:
         self.pump.stop_copy()

@@ -123,7 +123,8 @@ int devmig_sim_guest_mem(struct devmig_dev *d, uint8_t **mem, uint64_t *size);
 #define DEVMIG_SIM_DIRTY_DMA 0
 #define DEVMIG_SIM_DIRTY_LOGGED 1
 int devmig_sim_dirty_take(struct devmig_dev *d, int which, uint64_t *bitmap, uint64_t nwords);
-/* 64-bit FNV-1a digest of device memory: equal digests, equal memory. */
+/* A 64-bit digest of device memory (the device's word-wise digest, see
+ * sim.c): equal digests, equal memory. */
 int devmig_sim_mem_digest(struct devmig_dev *d, uint64_t *digest);
 
 #ifdef __cplusplus

@@ -1,0 +1,88 @@
+"""The device-state data path with mutual TLS, as nodes run it: the source
+agent's pump writes through a relay into a TLS connection, the target's
+relay feeds its loader. The stream arrives whole every time (the source
+reports the stream complete only after its relay forwarded the last
+bytes), the target's device equals the source's, and a peer holding a
+certificate from another CA is refused before any data flows."""
+
+from __future__ import annotations
+
+import pathlib
+import ssl
+
+import pytest
+
+import devmig_native
+from devmig_agent import datapath, devices, journal, security, sessions
+from devmig_agent.sessions import Phase, SessionManager
+from devmig_testbed.pki import CA
+
+SID, TOKEN = "dm-tls-0", "tls-token"
+
+
+def start(
+    name: str, state: pathlib.Path, tls: security.TlsFiles, size: int
+) -> tuple[devices.DeviceRegistry, SessionManager, datapath.DataPath]:
+    reg = devices.simulated(name, devices.SimSpec(count=1, size=size, dirty=16))
+    j = journal.Journal(state / name)
+    j.directory.mkdir(parents=True)
+    j.load()
+    holder: list[SessionManager] = []
+    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), tls)
+    holder.append(sessions.SessionManager(reg, j, dp))
+    return reg, holder[0], dp
+
+
+def files(d: pathlib.Path, ca: CA) -> security.TlsFiles:
+    ca.write_tls_dir(d, "devmig-agent", ["localhost"])
+    return security.TlsFiles.load(str(d))
+
+
+def _sim(reg: devices.DeviceRegistry) -> devmig_native.SimDevice:
+    h = reg.all()[0].handle
+    assert isinstance(h, devmig_native.SimDevice)
+    return h
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_a_device_migrates_whole_over_mutual_tls(tmp_path: pathlib.Path, run: int) -> None:
+    ca = CA.create()
+    size = 24 << 20  # several relay buffers, so the last one is partial
+    ra, a, dpa = start("a", tmp_path, files(tmp_path / "ta", ca), size)
+    rb, b, dpb = start("b", tmp_path, files(tmp_path / "tb", ca), size)
+    try:
+        a.prepare_source(SID, TOKEN, ra.all()[0].id, 0)
+        endpoint = b.prepare_target(SID, TOKEN, rb.all()[0].id).data_endpoint
+        a.start_pre_copy(SID, TOKEN, endpoint)
+        a.stop_and_copy(SID, TOKEN, [])
+        for snap in b.watch(SID, TOKEN, 10, lambda: True):
+            if snap.phase.final or snap.phase is Phase.TRANSFERRED:
+                break
+        assert snap.phase is Phase.TRANSFERRED, snap.message
+        src = a.wait_until(
+            lambda: s if (s := a.get(SID, TOKEN)).phase is Phase.TRANSFERRED else None, 30
+        )
+        assert src is not None
+        assert snap.progress.bytes_received == src.progress.bytes_sent > size
+        assert _sim(rb).stats().mem_digest == _sim(ra).stats().mem_digest
+    finally:
+        dpa.shutdown()
+        dpb.shutdown()
+
+
+def test_a_peer_with_another_cas_certificate_is_refused(tmp_path: pathlib.Path) -> None:
+    ra, a, dpa = start("a", tmp_path, files(tmp_path / "ta", CA.create("other")), 1 << 20)
+    rb, b, dpb = start("b", tmp_path, files(tmp_path / "tb", CA.create()), 1 << 20)
+    try:
+        a.prepare_source(SID, TOKEN, ra.all()[0].id, 0)
+        endpoint = b.prepare_target(SID, TOKEN, rb.all()[0].id).data_endpoint
+        with pytest.raises(sessions.SessionError) as e:
+            a.start_pre_copy(SID, TOKEN, endpoint)
+        assert e.value.reason == "TargetUnreachable"
+        assert isinstance(e.value.__cause__, ssl.SSLError)
+        # Nothing moved: the source runs, the target still waits.
+        assert ra.all()[0].handle.state is devmig_native.MigState.RUNNING
+        assert b.get(SID, TOKEN).phase is Phase.PREPARED
+    finally:
+        dpa.shutdown()
+        dpb.shutdown()
