@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,19 @@ static void sent(struct devmig_pump *p, uint64_t n)
 		}
 	}
 	pthread_mutex_unlock(&p->mu);
+}
+
+/* The receiver never writes on the data stream, so the socket turning
+ * readable means it hung up (or broke the protocol). Checked between
+ * pre-copy rounds: a device with nothing new to send writes nothing, and a
+ * dead peer would otherwise go unnoticed until stop-and-copy. */
+static int peer_gone(int fd)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN | POLLRDHUP };
+
+	if (poll(&pfd, 1, 0) <= 0)
+		return 0;
+	return (pfd.revents & (POLLIN | POLLRDHUP | POLLHUP | POLLERR)) ? 1 : 0;
 }
 
 /* After a pre-copy round: record PRECOPY_INFO and the dirty rate. The
@@ -219,6 +233,8 @@ static long run(struct devmig_pump *p)
 			break;
 		}
 		round_done(p);
+		if (peer_gone(p->fd))
+			return -EPIPE; /* the receiver hung up mid pre-copy */
 		pthread_mutex_lock(&p->mu);
 		wait_ns(p, (int64_t)p->interval_ms * 1000000LL);
 		pthread_mutex_unlock(&p->mu);

@@ -78,10 +78,17 @@ def _relay(src: Any, dst: Any) -> None:
     send per record, with a fresh bytes object each, cost more than the
     encryption. ``src`` is read non-blocking so that whatever has arrived is
     forwarded as soon as nothing more is ready: a partial buffer never waits
-    for the next round's data."""
+    for the next round's data.
+
+    Sending into TLS, the relay also watches the peer: the receiver sends
+    nothing after its "OK", so the TLS socket turning readable is either a
+    TLS 1.3 session ticket (taken and dropped) or the peer hanging up. Then
+    the relay ends and shuts ``src`` down, so the pump on the other end of
+    the socketpair sees the hang-up too, even between pre-copy rounds."""
     buf = bytearray(RELAY_CHUNK)
     view = memoryview(buf)
     filled = 0
+    watch = [src, dst] if isinstance(dst, ssl.SSLSocket) else [src]
     try:
         src.setblocking(False)
         while True:
@@ -91,7 +98,9 @@ def _relay(src: Any, dst: Any) -> None:
                 if filled:
                     dst.sendall(view[:filled])
                     filled = 0
-                select.select([src], [], [])
+                ready, _, _ = select.select(watch, [], [])
+                if dst in ready and _peer_hung_up(dst):
+                    raise ConnectionResetError("the peer closed the data connection") from None
                 continue
             if not n:
                 break
@@ -102,7 +111,11 @@ def _relay(src: Any, dst: Any) -> None:
         if filled:
             dst.sendall(view[:filled])
     except (OSError, ValueError):
-        pass  # a cancelled transfer shuts the sockets down under the relay
+        # A cancelled transfer shuts the sockets down under the relay; a
+        # peer that went away ends it too. Either way the other end of
+        # the socketpair must see the end.
+        with contextlib.suppress(OSError, ValueError):
+            src.shutdown(socket.SHUT_RDWR)
     finally:
         view.release()
         try:
@@ -112,6 +125,21 @@ def _relay(src: Any, dst: Any) -> None:
                 dst.shutdown(socket.SHUT_WR)
         except (OSError, ValueError):
             pass  # already closed: nothing to half-close
+
+
+def _peer_hung_up(conn: ssl.SSLSocket) -> bool:
+    """Read what made a TLS socket readable without blocking: True at its
+    end (or an error), False for TLS-internal records (session tickets)."""
+    conn.setblocking(False)
+    try:
+        conn.recv(RELAY_CHUNK)
+        return True  # its end, or data the protocol never sends: either way done
+    except ssl.SSLWantReadError:
+        return False
+    except OSError:
+        return True
+    finally:
+        conn.setblocking(True)
 
 
 def _plain_fd(conn: socket.socket, direction: str) -> tuple[int, list[Any]]:

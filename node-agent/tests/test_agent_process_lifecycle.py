@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -23,13 +24,21 @@ from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
 
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, journal, sessions, vmm
+from devmig_agent import datapath, devices, journal, security, sessions, vmm
+from devmig_native import MigState
+from devmig_testbed.pki import CA
 
 REF = pb.SessionRef(session_id="dm-p-0", token="process-token")
 
 
 class AgentProcess:
-    def __init__(self, state: pathlib.Path, env: dict[str, str], *extra: str) -> None:
+    def __init__(
+        self,
+        state: pathlib.Path,
+        env: dict[str, str],
+        *extra: str,
+        tls_ca: pathlib.Path | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -55,7 +64,17 @@ class AgentProcess:
         assert self.proc.stdout is not None
         m = re.fullmatch(r"LISTENING (127\.0\.0\.1:\d+)\n", self.proc.stdout.readline())
         assert m, self.proc.stderr.read() if self.proc.stderr else "no output"
-        self.channel = grpc.insecure_channel(m.group(1))
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(m.group(1))
+        else:  # the directory's certificate serves as the client's too
+            creds = grpc.ssl_channel_credentials(
+                (tls_ca / "ca.crt").read_bytes(),
+                (tls_ca / "tls.key").read_bytes(),
+                (tls_ca / "tls.crt").read_bytes(),
+            )
+            self.channel = grpc.secure_channel(
+                m.group(1), creds, options=[("grpc.ssl_target_name_override", "localhost")]
+            )
         self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
 
     def stop(self, sig: int) -> tuple[int, str]:
@@ -174,3 +193,107 @@ def test_after_sigkill_a_simulated_device_is_reported_reset(
     again.stub.Abort(pb.AbortRequest(session=REF, reason="rollback"), timeout=10)
     assert again.stop(signal.SIGTERM)[0] == 0
     assert record(state)["phase"] == "ABORTED"
+
+
+@pytest.fixture
+def source(
+    tmp_path: pathlib.Path,
+) -> Iterator[tuple[devices.DeviceRegistry, sessions.SessionManager]]:
+    """An in-process source agent streaming to the process."""
+    reg = devices.simulated("s", devices.SimSpec(count=1, size=32 << 20))
+    j = journal.Journal(tmp_path / "source")
+    j.load()
+    holder: list[sessions.SessionManager] = []
+    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
+    holder.append(sessions.SessionManager(reg, j, dp))
+    yield reg, holder[0]
+    dp.shutdown()
+
+
+def test_a_target_killed_mid_stream_leaves_the_source_running_and_reports_its_device_reset(
+    short_dir: pathlib.Path,
+    source: tuple[devices.DeviceRegistry, sessions.SessionManager],
+) -> None:
+    reg, src = source
+    state = short_dir / "state"
+    # The target process holds a 32 MiB device; the source streams at
+    # 4 MiB/s, so the stream is in flight for seconds when the target dies.
+    target = AgentProcess(state, {}, "--sim", "count=1,size=32MiB")
+    pt = target.stub.PrepareTarget(
+        pb.PrepareTargetRequest(session=REF, device_id="sim-p-0"), timeout=10
+    )
+    src.prepare_source(REF.session_id, REF.token, "sim-s-0", 4 << 20)
+    src.start_pre_copy(REF.session_id, REF.token, pt.data_endpoint)
+    for _ in range(1000):  # progress is polled: it changes no session state
+        if src.get(REF.session_id, REF.token).progress.bytes_sent > 1 << 20:
+            break
+        time.sleep(0.01)
+    got = src.get(REF.session_id, REF.token).progress.bytes_sent < 32 << 20
+    assert got, "the stream ended before the target died"
+    assert record(state) == {"phase": "PREPARED", "reason": "", "deviceState": "RESUMING"}
+    target.stop(signal.SIGKILL)
+    # The source sees the connection die: its session fails, its device runs.
+    failed = src.wait_until(
+        lambda: s if (s := src.get(REF.session_id, REF.token)).phase.final else None, 30
+    )
+    assert failed is not None, src.get(REF.session_id, REF.token)
+    assert (failed.phase, failed.reason) == (
+        sessions.Phase.FAILED,
+        "SendFailed",
+    )
+    assert reg.get("sim-s-0").handle.state is MigState.RUNNING
+    # The restarted target answers for the session: its device's state died
+    # with the process, so nothing of the stream can ever run there.
+    again = AgentProcess(state, {}, "--sim", "count=1,size=32MiB")
+    st = again.stub.GetSession(pb.GetSessionRequest(session=REF), timeout=10).status
+    assert (st.phase, st.reason) == (pb.SESSION_PHASE_FAILED, "DeviceReset")
+    with pytest.raises(grpc.RpcError) as e:
+        again.stub.Resume(pb.ResumeRequest(session=REF), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # The operator's Abort settles both ends: the device runs on the source only.
+    again.stub.Abort(pb.AbortRequest(session=REF, reason="target died"), timeout=10)
+    src.abort(REF.session_id, REF.token, "target died")
+    assert reg.get("sim-s-0").handle.state is MigState.RUNNING
+    assert again.stop(signal.SIGTERM)[0] == 0
+    assert record(state)["phase"] == "ABORTED"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_target_that_dies_while_the_source_idles_between_rounds_is_noticed(
+    short_dir: pathlib.Path, tmp_path: pathlib.Path, tls: bool
+) -> None:
+    files = None
+    d: pathlib.Path | None = None
+    extra: list[str] = ["--sim", "count=1,size=1MiB"]
+    if tls:
+        d = CA.create().write_tls_dir(tmp_path / "tls", "devmig-agent", ["localhost"])
+        files = security.TlsFiles.load(str(d))
+        extra += ["--tls-dir", str(d)]
+    reg = devices.simulated("s", devices.SimSpec(count=1, size=1 << 20))
+    j = journal.Journal(tmp_path / "source")
+    j.load()
+    holder: list[sessions.SessionManager] = []
+    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), files)
+    holder.append(sessions.SessionManager(reg, j, dp))
+    src = holder[0]
+    target = AgentProcess(short_dir / "state", {}, *extra, tls_ca=d)
+    try:
+        pt = target.stub.PrepareTarget(
+            pb.PrepareTargetRequest(session=REF, device_id="sim-p-0"), timeout=10
+        )
+        src.prepare_source(REF.session_id, REF.token, "sim-s-0", 0)
+        src.start_pre_copy(REF.session_id, REF.token, pt.data_endpoint)
+        # Nothing dirties the source: after its first round it sends nothing.
+        for _ in range(1000):
+            if src.get(REF.session_id, REF.token).progress.pre_copy_iterations >= 2:
+                break
+            time.sleep(0.01)
+        target.stop(signal.SIGKILL)
+        failed = src.wait_until(
+            lambda: s if (s := src.get(REF.session_id, REF.token)).phase.final else None, 10
+        )
+        assert failed is not None, src.get(REF.session_id, REF.token)
+        assert (failed.phase, failed.reason) == (sessions.Phase.FAILED, "SendFailed")
+        assert reg.get("sim-s-0").handle.state is MigState.RUNNING
+    finally:
+        dp.shutdown()
