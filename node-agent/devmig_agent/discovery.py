@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 
 import devmig_native
-from devmig_agent.inventory import InventoryDevice
+from devmig_agent.inventory import MIGRATION_FLAGS, InventoryDevice
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def to_inventory(f: Found, r: ProbeResult) -> InventoryDevice:
         driver=f.driver,
         mdev_type=f.mdev_type,
         iommu_group=f.iommu_group,
-        migration_flags=tuple(x for x in r.flags if x in ("STOP_COPY", "P2P", "PRE_COPY")),
+        migration_flags=tuple(x for x in r.flags if x in MIGRATION_FLAGS),
         migratable=r.migratable,
         not_migratable_reason="" if r.migratable else r.reason,
         health=_health(r),

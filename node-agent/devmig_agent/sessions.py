@@ -160,8 +160,6 @@ class Session:
     phase_since_ns: int = 0
     # Source, from pre-copy on: the guest pages the device's DMA dirtied.
     tracker: tracking.DirtyTracker | None = None
-    # Source: the simulated device's missed-trap count when pre-copy began.
-    missed_traps_base: int = 0
 
 
 class VmmError(Exception):
@@ -491,10 +489,6 @@ class SessionManager:
             raise SessionError(Code.UNAVAILABLE, e.reason, e.message) from e
         s.tracker = tracking.DirtyTracker(s.device.handle, self.vmm.dma_ranges(s.device.id))
         s.tracker.start()
-        sim = s.device.handle
-        if isinstance(sim, devmig_native.SimDevice):
-            s.missed_traps_base = sim.bar_stats().missed_traps
-            sim.dirty_take(devmig_native.DirtySource.LOGGED)  # from now on
         try:
             self._set_state(s, MigState.PRE_COPY, MigState.RUNNING)
         except SessionError:
@@ -1000,13 +994,8 @@ class SessionManager:
     def _snapshot(self, s: Session) -> Snapshot:
         if s.transfer is not None:
             s.progress = s.transfer.progress()
-        sim = s.device.handle
-        if (
-            s.role is Role.SOURCE
-            and s.tracker is not None
-            and isinstance(sim, devmig_native.SimDevice)
-        ):
-            s.progress.missed_traps = sim.bar_stats().missed_traps - s.missed_traps_base
+        if s.tracker is not None:
+            s.progress.missed_traps = s.tracker.missed_traps()
         return Snapshot(
             session_id=s.id,
             role=s.role,

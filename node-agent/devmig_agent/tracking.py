@@ -103,6 +103,8 @@ class DirtyTracker:
         if self.sim is not None:
             self.npages = max(self.npages, self.sim.guest_size // PAGE_SIZE)
         self.logging = False
+        # The simulated device's missed-trap count at start (see missed_traps).
+        self._missed_base = 0
         self._lock = threading.Lock()
         # Whole 64-bit words, as the kernel's bitmaps and the native core's.
         nbytes = (self.npages + 63) // 64 * 8
@@ -116,9 +118,13 @@ class DirtyTracker:
         return self.logging or self.sim is not None
 
     def start(self) -> None:
-        """Start the device's DMA logging when it has ranges to log. A
-        device without the feature (ENOTTY, EOPNOTSUPP) is tracked by what
-        else there is; the caller checks ``available``."""
+        """Start tracking: the simulated device's trap log and missed-trap
+        count from now on, and the device's DMA logging when it has ranges
+        to log. A device without the feature (ENOTTY, EOPNOTSUPP) is tracked
+        by what else there is; the caller checks ``available``."""
+        if self.sim is not None:
+            self._missed_base = self.sim.bar_stats().missed_traps
+            self.sim.dirty_take(devmig_native.DirtySource.LOGGED)  # what came before
         if not self.ranges or self.logging:
             return
         try:
@@ -141,6 +147,13 @@ class DirtyTracker:
                 self.handle.dma_log_stop()
             except devmig_native.DevmigError as e:
                 log.warning("stopping device DMA logging: %s", e)
+
+    def missed_traps(self) -> int:
+        """Accesses that bypassed a trap the device required since start:
+        only a simulated device counts them (0 for others)."""
+        if self.sim is None:
+            return 0
+        return self.sim.bar_stats().missed_traps - self._missed_base
 
     def subscribe(self, key: object) -> None:
         """A new consumer: its first take returns every page seen so far."""

@@ -19,12 +19,13 @@ import urllib.request
 from collections.abc import Iterator
 
 import grpc
+import local_agent
 import pytest
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
 
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, journal, security, sessions, vmm
+from devmig_agent import devices, security, sessions, vmm
 from devmig_native import MigState
 from devmig_testbed.pki import CA
 
@@ -96,12 +97,8 @@ def short_dir() -> Iterator[pathlib.Path]:
 def target(tmp_path: pathlib.Path) -> Iterator[sessions.SessionManager]:
     """An in-process target agent the process streams to."""
     reg = devices.simulated("t", devices.SimSpec(count=1, size=1 << 20))
-    j = journal.Journal(tmp_path / "target")
-    j.load()
-    holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
-    holder.append(sessions.SessionManager(reg, j, dp))
-    yield holder[0]
+    manager, dp = local_agent.wire(reg, tmp_path / "target")
+    yield manager
     dp.shutdown()
 
 
@@ -201,12 +198,8 @@ def source(
 ) -> Iterator[tuple[devices.DeviceRegistry, sessions.SessionManager]]:
     """An in-process source agent streaming to the process."""
     reg = devices.simulated("s", devices.SimSpec(count=1, size=32 << 20))
-    j = journal.Journal(tmp_path / "source")
-    j.load()
-    holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
-    holder.append(sessions.SessionManager(reg, j, dp))
-    yield reg, holder[0]
+    manager, dp = local_agent.wire(reg, tmp_path / "source")
+    yield reg, manager
     dp.shutdown()
 
 
@@ -270,12 +263,7 @@ def test_a_target_that_dies_while_the_source_idles_between_rounds_is_noticed(
         files = security.TlsFiles.load(str(d))
         extra += ["--tls-dir", str(d)]
     reg = devices.simulated("s", devices.SimSpec(count=1, size=1 << 20))
-    j = journal.Journal(tmp_path / "source")
-    j.load()
-    holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), files)
-    holder.append(sessions.SessionManager(reg, j, dp))
-    src = holder[0]
+    src, dp = local_agent.wire(reg, tmp_path / "source", files)
     target = AgentProcess(short_dir / "state", {}, *extra, tls_ca=d)
     try:
         pt = target.stub.PrepareTarget(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pathlib
 import ssl
 
+import local_agent
 import pytest
 
 import devmig_native
-from devmig_agent import datapath, devices, journal, security, sessions
+from devmig_agent import datapath, devices, security, sessions
 from devmig_agent.sessions import Phase, SessionManager
 from devmig_testbed.pki import CA
 
@@ -24,13 +25,8 @@ def start(
     name: str, state: pathlib.Path, tls: security.TlsFiles, size: int
 ) -> tuple[devices.DeviceRegistry, SessionManager, datapath.DataPath]:
     reg = devices.simulated(name, devices.SimSpec(count=1, size=size, dirty=16))
-    j = journal.Journal(state / name)
-    j.directory.mkdir(parents=True)
-    j.load()
-    holder: list[SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), tls)
-    holder.append(sessions.SessionManager(reg, j, dp))
-    return reg, holder[0], dp
+    manager, dp = local_agent.wire(reg, state / name, tls)
+    return reg, manager, dp
 
 
 def files(d: pathlib.Path, ca: CA) -> security.TlsFiles:

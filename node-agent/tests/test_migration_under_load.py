@@ -22,13 +22,14 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import local_agent
 import pytest
 from vmm_standin import DMA_PAGE, VmmStandIn
 
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, journal, server, sessions, vmm
+from devmig_agent import datapath, devices, server, vmm
 
 # The device state the issue names, bytes.
 STATE_SIZE = 256 << 20
@@ -65,15 +66,10 @@ def start(name: str, state: pathlib.Path, sock_dir: str, size: int) -> Node:
     # 256 MiB re-sent each round, so pre-copy iterates and converges.
     reg = devices.simulated(name, devices.SimSpec(count=1, size=size, dirty=16))
     hub = vmm.VmmHub(f"{sock_dir}/{name}.sock", reg)
-    j = journal.Journal(state / name)
-    j.directory.mkdir(parents=True)
-    j.load()
-    holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
-    holder.append(sessions.SessionManager(reg, j, dp, vmm=hub))
-    hub.dirty_source = holder[0].vmm_dirty
+    manager, dp = local_agent.wire(reg, state / name, vmm=hub)
+    hub.dirty_source = manager.vmm_dirty
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_to_server(srv, name, reg, holder[0])
+    server.add_to_server(srv, name, reg, manager)
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     stub = agent_pb2_grpc.NodeAgentStub(grpc.insecure_channel(f"127.0.0.1:{port}"))

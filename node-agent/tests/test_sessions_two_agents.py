@@ -11,12 +11,13 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import local_agent
 import pytest
 
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, journal, server, sessions
+from devmig_agent import datapath, devices, server, sessions
 from devmig_native import MigState
 
 
@@ -32,18 +33,13 @@ class Agent:
 
 def start_agent(name: str, state: pathlib.Path, size: int = 4 << 20, dirty: int = 32) -> Agent:
     reg = devices.simulated(name, devices.SimSpec(count=2, size=size, dirty=dirty))
-    j = journal.Journal(state / name)
-    j.directory.mkdir(parents=True)
-    j.load()
-    holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
-    holder.append(sessions.SessionManager(reg, j, dp))
+    manager, dp = local_agent.wire(reg, state / name)
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_to_server(srv, name, reg, holder[0])
+    server.add_to_server(srv, name, reg, manager)
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    return Agent(name, reg, holder[0], agent_pb2_grpc.NodeAgentStub(ch), srv, dp)
+    return Agent(name, reg, manager, agent_pb2_grpc.NodeAgentStub(ch), srv, dp)
 
 
 @pytest.fixture

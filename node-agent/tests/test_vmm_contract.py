@@ -14,11 +14,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import local_agent
 import pytest
 from vmm_standin import VmmStandIn
 
 import devmig_native
-from devmig_agent import datapath, devices, journal, vmm
+from devmig_agent import datapath, devices, vmm
 from devmig_agent.sessions import Phase, SessionError, SessionManager
 from devmig_native import MigState
 
@@ -52,12 +53,8 @@ def sock_dir() -> Iterator[str]:
 def start(name: str, state: pathlib.Path, sock_dir: str, ack_timeout_s: float = 30) -> Node:
     reg = devices.simulated(name, devices.SimSpec(count=1, size=1 << 20, dirty=16))
     hub = vmm.VmmHub(f"{sock_dir}/{name}/vmm.sock", reg, ack_timeout_s=ack_timeout_s)
-    j = journal.Journal(state / name)
-    j.load()
-    holder: list[SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e))
-    holder.append(SessionManager(reg, j, dp, vmm=hub))
-    return Node(name, reg, hub, holder[0], dp)
+    manager, dp = local_agent.wire(reg, state / name, vmm=hub)
+    return Node(name, reg, hub, manager, dp)
 
 
 @pytest.fixture
