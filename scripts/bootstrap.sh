@@ -36,6 +36,8 @@ mkdir -p "$cache"
 apt_pkgs=(gcc make git openssl ca-certificates curl unzip python3 python3-venv python3-dev pkg-config graphviz
   # the real-kernel test (tests/kernel): QEMU, busybox, the kernel source and its build deps
   qemu-system-x86 busybox-static linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils
+  # the two-node test (tests/twonode): the guests' root filesystem
+  debootstrap erofs-utils
   # the fuzz targets (agent-native/fuzz): clang with its libFuzzer and sanitizer runtimes
   clang-14 libclang-rt-14-dev)
 missing=()

@@ -1,9 +1,10 @@
 """The devices an agent drives, and which session holds each.
 
-A device is opened once and held for the agent's lifetime (as the VMM's
-duplicate fd would keep it alive on a real node); sessions borrow it. On
-nodes without migratable hardware, and in tests and the demo, the devices
-are simulated devices from the native core: the kernel's semantics, no
+A device is opened once and held for the agent's lifetime (the VMM gets a
+duplicate of its fd); sessions borrow it. Real devices are the migratable
+VFIO devices discovery found free and opened (discovery.py); on nodes
+without migratable hardware, and in tests and the demo, the devices are
+simulated devices from the native core: the kernel's semantics, no
 hardware.
 """
 
@@ -44,6 +45,10 @@ class ManagedDevice:
     info: InventoryDevice
     handle: devmig_native.Device
     session_id: str = ""
+    # A real device's VFIO fds (device fd, and the iommufd or group and
+    # container that keep its IOMMU context): the device fd is what a VMM
+    # is handed a duplicate of. None for a simulated device.
+    vfio: devmig_native.VfioHandle | None = None
     # Names one open lifetime of the device: its state lives exactly as long
     # as some process holds an fd of it. The journal records it with each
     # session, so a restarted agent can tell a device that kept its state
@@ -65,6 +70,9 @@ class DeviceRegistry:
         # VFIO devices found on the node that the agent has not opened
         # (discovery.py): listed, not yet migratable through this agent.
         self._discovered: dict[str, InventoryDevice] = {}
+        # Holders given by hand (``--device-holder``, a lab node without a
+        # kubelet): VMI by device id, applied whenever the device is listed.
+        self._pinned: dict[str, str] = {}
         self.changed = threading.Condition(self._lock)
         self.generation = 0
 
@@ -88,6 +96,30 @@ class DeviceRegistry:
                 self._bump()
             return d
 
+    def add(self, device: ManagedDevice) -> None:
+        """A device the agent opened while running (discovery found it free,
+        or a VMM handed its fd back); it leaves the found-only list."""
+        with self._lock:
+            if device.id in self._devices:
+                raise DeviceBusy(f"device {device.id} is already open")
+            found = self._discovered.pop(device.id, None)
+            if found is not None and not device.info.pod:
+                device.info = dataclasses.replace(device.info, pod=found.pod, vmi=found.vmi)
+            if device.id in self._pinned:
+                device.info = dataclasses.replace(device.info, vmi=self._pinned[device.id])
+            self._devices[device.id] = device
+            self._bump()
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return set(self._devices)
+
+    def found(self, device_id: str) -> InventoryDevice | None:
+        """A device discovery listed without opening it (e.g. one a VMM
+        holds), or None."""
+        with self._lock:
+            return self._discovered.get(device_id)
+
     def replace(self, device: ManagedDevice) -> None:
         """Swap in a re-opened device (same id), keeping who holds it."""
         with self._lock:
@@ -104,6 +136,19 @@ class DeviceRegistry:
             if d is not None and d.session_id == session_id:
                 d.session_id = ""
                 self._bump()
+
+    def pin_holder(self, device_id: str, vmi: str) -> None:
+        """The VMI (namespace/name) holding a device that may not be listed
+        yet: applied now and whenever discovery lists or opens it."""
+        with self._lock:
+            self._pinned[device_id] = vmi
+            d = self._devices.get(device_id)
+            if d is not None:
+                d.info = dataclasses.replace(d.info, vmi=vmi)
+            f = self._discovered.get(device_id)
+            if f is not None:
+                self._discovered[device_id] = dataclasses.replace(f, vmi=vmi)
+            self._bump()
 
     def set_holder(self, device_id: str, vmi: str) -> None:
         """Record the VMI (namespace/name) holding a device."""
@@ -168,6 +213,8 @@ class DeviceRegistry:
                         vmi=old.vmi,
                         resource_name=d.resource_name or old.resource_name,
                     )
+                if d.id in self._pinned:
+                    d = dataclasses.replace(d, vmi=self._pinned[d.id])
                 new[d.id] = d
             if new == self._discovered:
                 return False

@@ -33,7 +33,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import devmig_native
 from devmig_agent.inventory import MIGRATION_FLAGS, InventoryDevice
@@ -172,94 +172,143 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+@dataclasses.dataclass
+class Opened:
+    """A device a probe left open for the agent to manage: its VFIO fds and
+    the native core's handle on a duplicate of its device fd."""
+
+    vfio: devmig_native.VfioHandle
+    device: devmig_native.Device
+
+    def close(self) -> None:
+        self.device.close()
+        self.vfio.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
     flags: tuple[str, ...] = ()
     migratable: bool = False
     reason: str = ""  # why not migratable, or why unknown
+    # probe(keep=True) of a migratable device: left open, the caller's now.
+    opened: Opened | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 # VFIO_MIGRATION_STOP_COPY is what migration needs at least.
 _REQUIRED = devmig_native.MigFlags.STOP_COPY
 
 
-def probe(found: Found, iommufd_path: str = "/dev/iommu") -> ProbeResult:
+def probe(found: Found, iommufd_path: str = "/dev/iommu", *, keep: bool = False) -> ProbeResult:
     """Open the device (its cdev with a fresh iommufd, else its group with a
-    fresh type1 container), ask for its migration flags, close it again. A
-    device a VMM holds cannot be opened twice: that is ``InUse``, not a
-    verdict."""
+    fresh type1 container) and ask for its migration flags. The device is
+    closed again, unless ``keep`` and it can migrate: then it stays open in
+    ``opened`` (opening is exclusive, so the agent holds on to what it
+    will drive). A device a VMM holds cannot be opened twice: that is
+    ``InUse``, not a verdict."""
+    by_cdev = bool(found.cdev_path) and os.path.exists(iommufd_path)
     try:
-        if found.cdev_path and os.path.exists(iommufd_path):
+        if by_cdev:
             handle = devmig_native.open_cdev(found.cdev_path, iommufd_path)
         elif found.group_path:
             handle = devmig_native.open_group(found.group_path, found.id)
         else:
             return ProbeResult(reason="NoVfioNode: neither a group nor a cdev node in /dev")
     except devmig_native.DevmigError as e:
-        if e.errno in (errno.EBUSY, errno.EPERM):
+        # A group another process opened is EBUSY; a cdev opens twice but
+        # the kernel refuses to bind a second fd of a bound device (EINVAL,
+        # shown on 6.12 by tests/kernel).
+        if e.errno in (errno.EBUSY, errno.EPERM) or (by_cdev and e.errno == errno.EINVAL):
             return ProbeResult(reason=f"InUse: {e}")
         return ProbeResult(reason=f"OpenFailed: {e}")
+    kept = False
     try:
         dev = devmig_native.Device.open_vfio(
             handle.device_fd, found.vendor_id, found.device_id, found.driver
         )
         try:
             flags = dev.probe()
+            names = tuple(f.name for f in devmig_native.MigFlags if f.name and flags & f)
+            if not flags & _REQUIRED:
+                return ProbeResult(
+                    flags=names, reason="NoStopCopy: the device cannot save its state"
+                )
+            if keep:
+                kept = True
+                return ProbeResult(flags=names, migratable=True, opened=Opened(handle, dev))
+            return ProbeResult(flags=names, migratable=True)
         finally:
-            dev.close()
+            if not kept:
+                dev.close()
     except devmig_native.DevmigError as e:
         if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
             return ProbeResult(reason="NoMigrationSupport: the driver offers no VFIO migration")
         return ProbeResult(reason=f"ProbeFailed: {e}")
     finally:
-        handle.close()
-    names = tuple(f.name for f in devmig_native.MigFlags if f.name and flags & f)
-    if not flags & _REQUIRED:
-        return ProbeResult(flags=names, reason="NoStopCopy: the device cannot save its state")
-    return ProbeResult(flags=names, migratable=True)
+        if not kept:
+            handle.close()
 
 
 class Discovery:
     """The node's VFIO devices as inventory entries, re-walked on each call.
     Probing opens a device, so a device is probed once per driver binding
     (a rebind may bring migration support) and the answer kept; a device
-    that was in use is probed again on a later walk."""
+    that was in use is probed again on a later walk.
+
+    With ``keep``, a migratable device is left open by its probe and handed
+    to the caller (``take_opened``) to manage; devices the caller already
+    holds (``held``) are neither probed nor listed again."""
 
     def __init__(
         self,
         sys_root: str = "/sys",
         dev_root: str = "/dev",
         *,
+        keep: bool = False,
         probe_fn: Callable[[Found], ProbeResult] | None = None,
     ) -> None:
         self.sys_root = sys_root
         self.dev_root = dev_root
         iommufd = os.path.join(dev_root, "iommu")
-        self._probe = probe_fn or (lambda f: probe(f, iommufd))
+        self._probe = probe_fn or (lambda f: probe(f, iommufd, keep=keep))
         self._known: dict[tuple[str, str], ProbeResult] = {}
+        self._opened: list[tuple[InventoryDevice, Opened]] = []
         self._lock = threading.Lock()
 
-    def __call__(self) -> list[InventoryDevice]:
+    def __call__(self, held: Collection[str] = ()) -> list[InventoryDevice]:
         found = walk(self.sys_root, self.dev_root)
         out = []
         with self._lock:
             for f in found:
+                if f.id in held:
+                    continue
                 key = (f.id, f.driver)
                 r = self._known.get(key)
                 if r is None or r.reason.startswith("InUse"):
                     r = self._probe(f)
-                    self._known[key] = r
                     log.info(
-                        "discovered %s (%s, %s): %s",
+                        "discovered %s (%s, %s): %s%s",
                         f.id,
                         f.bus,
                         f.driver,
                         " ".join(r.flags) or r.reason,
+                        " (opened)" if r.opened is not None else "",
                     )
+                    if r.opened is not None:
+                        self._opened.append((to_inventory(f, r), r.opened))
+                        # Probe it again should the caller ever let it go.
+                        continue
+                    self._known[key] = r
                 out.append(to_inventory(f, r))
             live = {(f.id, f.driver) for f in found}
             for k in set(self._known) - live:
                 del self._known[k]
+        return out
+
+    def take_opened(self) -> list[tuple[InventoryDevice, Opened]]:
+        """The devices probes left open since the last call; the caller
+        owns them."""
+        with self._lock:
+            out, self._opened = self._opened, []
         return out
 
 

@@ -3,9 +3,12 @@
 What it starts, from its flags and the environment the chart sets:
 
 - the gRPC API (``--listen``; mutual TLS from ``DEVMIG_TLS_DIR``);
-- with devices (``--sim`` / ``DEVMIG_SIM``): the session manager over the
-  journal in ``DEVMIG_STATE_DIR``, recovering what the journal holds, and
-  the data path (``DEVMIG_DATA_PORT``);
+- the node's VFIO devices found in sysfs (``DEVMIG_VFIO_DISCOVERY``): with
+  ``on`` the free migratable ones are opened and driven, with ``list``
+  only listed;
+- with devices to drive (``--sim`` / ``DEVMIG_SIM``, or discovery ``on``):
+  the session manager over the journal in ``DEVMIG_STATE_DIR``, recovering
+  what the journal holds, and the data path (``DEVMIG_DATA_PORT``);
 - the KubeVirt node-hook server on ``DEVMIG_HOOK_SOCKET`` (off when unset);
 - who holds which device from the kubelet (``DEVMIG_POD_RESOURCES_SOCKET``)
   when that socket exists and no ``--sim-holder`` is given;
@@ -15,8 +18,8 @@ What it starts, from its flags and the environment the chart sets:
 - on SIGTERM: no new hook or API call, every session settled
   (``SessionManager.shutdown``), then exit 0.
 
-There is no gRPC health service: it needs grpcio-health-checking, which the
-workspace does not lock; the chart's probes are TCP.
+The gRPC health service (``health.py``) says SERVING once all of this runs
+and NOT_SERVING from the first moment of a shutdown.
 """
 
 from __future__ import annotations
@@ -98,14 +101,37 @@ def refresh_holders(
             stop.wait(HOLDERS_POLL_SECONDS)
 
 
+def discover(
+    registry: devices.DeviceRegistry,
+    find: discovery.Discovery,
+    reacquirer: vmm.VmmReacquirer | None = None,
+) -> None:
+    """One sysfs walk: the found-only list replaced; devices a probe left
+    open (``--vfio-discovery on``) added to the registry; devices whose fd
+    a VMM handed back while no session claimed them opened from it."""
+    registry.set_discovered(find(registry.ids()))
+    for info, opened in find.take_opened():
+        try:
+            registry.add(devices.ManagedDevice(info, opened.device, vfio=opened.vfio))
+        except devices.DeviceBusy:
+            opened.close()
+            continue
+        log.info("opened %s (%s) to drive its migration", info.id, info.driver)
+    if reacquirer is not None:
+        reacquirer.adopt_handed_back()
+
+
 def rediscover(
-    registry: devices.DeviceRegistry, find: discovery.Discovery, stop: threading.Event
+    registry: devices.DeviceRegistry,
+    find: discovery.Discovery,
+    reacquirer: vmm.VmmReacquirer | None,
+    stop: threading.Event,
 ) -> None:
     """Walk sysfs again every poll: a device bound to vfio-pci, or an mdev
     created, appears in the inventory within one interval."""
     while not stop.wait(inventory.POLL_SECONDS):
         try:
-            registry.set_discovered(find())
+            discover(registry, find, reacquirer)
         except OSError as e:
             log.warning("VFIO discovery: %s", e)
 
@@ -145,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         help="simulated device N is held by that VMI (no kubelet tells us on a lab node)",
     )
     p.add_argument(
+        "--device-holder",
+        action="append",
+        default=[],
+        metavar="ID=NAMESPACE/VMI",
+        help="the device with that id (PCI address, mdev UUID) is held by that VMI "
+        "(a lab node without a kubelet)",
+    )
+    p.add_argument(
         "--publish-inventory",
         action="store_true",
         # In a pod the kubelet mounts a ServiceAccount token here.
@@ -167,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         "--advertise-host",
         default=os.environ.get("POD_IP", ""),
         help="address peers and the operator use to reach this agent (env POD_IP)",
+    )
+    p.add_argument(
+        "--advertise-endpoint",
+        default="",
+        metavar="HOST:PORT",
+        help="the gRPC endpoint the inventory publishes for the operator, when it "
+        "reaches this agent through a port forward (default: the advertise host and "
+        "the listening port)",
     )
     p.add_argument(
         "--log-level",
@@ -195,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--vfio-discovery",
-        choices=("on", "off"),
+        choices=("on", "list", "off"),
         default=os.environ.get("DEVMIG_VFIO_DISCOVERY", "on"),
-        help="list the node's VFIO devices (PCI functions on vfio-pci or a variant, "
-        "mdevs) from sysfs, probing each for migration (env DEVMIG_VFIO_DISCOVERY; "
+        help="find the node's VFIO devices (PCI functions on vfio-pci or a variant, "
+        "mdevs) in sysfs and probe each for migration; 'on' also opens the free "
+        "migratable ones and drives their migrations (VMMs get their fds from the "
+        "VMM socket), 'list' only lists them (env DEVMIG_VFIO_DISCOVERY; "
         "default %(default)s)",
     )
     p.add_argument(
@@ -267,6 +311,27 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, devices.UnknownDevice) as e:
                 log.error("--sim-holder %s: %s", h, e)
                 return 2
+        log.info("%d simulated device(s)", spec.count)
+    find: discovery.Discovery | None = None
+    if a.vfio_discovery != "off":
+        registry = registry or devices.DeviceRegistry([])
+        find = discovery.Discovery(a.sysfs_root, a.dev_root, keep=a.vfio_discovery == "on")
+        discover(registry, find)
+        log.info(
+            "%d VFIO device(s) found in %s, %d opened",
+            len(registry.discovered()) + sum(1 for d in registry.all() if d.vfio is not None),
+            a.sysfs_root,
+            sum(1 for d in registry.all() if d.vfio is not None),
+        )
+    for h in a.device_holder:
+        dev_id, _, vmi = h.partition("=")
+        if not dev_id or "/" not in vmi:
+            log.error("--device-holder %s: want ID=NAMESPACE/VMI", h)
+            return 2
+        registry = registry or devices.DeviceRegistry([])
+        registry.pin_holder(dev_id, vmi)
+    reacquirer: vmm.VmmReacquirer | None = None
+    if registry is not None and (a.sim or a.vfio_discovery == "on"):
         j = journal.Journal(pathlib.Path(a.state_dir) / "sessions")
         try:
             j.directory.mkdir(parents=True, exist_ok=True)
@@ -310,13 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 snap.phase.value,
                 snap.message,
             )
-        log.info("%d simulated device(s); device state accepted on %s", spec.count, dp.advertise)
-    find: discovery.Discovery | None = None
-    if a.vfio_discovery == "on":
-        registry = registry or devices.DeviceRegistry([])
-        find = discovery.Discovery(a.sysfs_root, a.dev_root)
-        registry.set_discovered(find())
-        log.info("%d VFIO device(s) found in %s", len(registry.discovered()), a.sysfs_root)
+        log.info("device state accepted on %s", dp.advertise)
     server.add_to_server(srv, a.node_name, registry, sessions_)
     agent_health = health.AgentHealth()
     agent_health.add_to(srv)
@@ -341,9 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
     if find is not None and registry is not None:
         threading.Thread(
-            target=rediscover, args=(registry, find, stop), daemon=True, name="discovery"
+            target=rediscover,
+            args=(registry, find, reacquirer, stop),
+            daemon=True,
+            name="discovery",
         ).start()
-    if registry is not None and not a.sim_holder and os.path.exists(a.pod_resources_socket):
+    by_hand = a.sim_holder or a.device_holder
+    if registry is not None and not by_hand and os.path.exists(a.pod_resources_socket):
         threading.Thread(
             target=refresh_holders,
             args=(registry, a.pod_resources_socket, stop),
@@ -373,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("KubeVirt node hooks on %s", a.hook_socket)
     if a.publish_inventory:
-        adv = f"{a.advertise_host or host}:{port}"
+        adv = a.advertise_endpoint or f"{a.advertise_host or host}:{port}"
         pub = inventory.InventoryPublisher(
             kube_api(),
             a.node_name,

@@ -117,6 +117,7 @@ from typing import Any
 
 import devmig_native
 from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
+from devmig_agent.inventory import MIGRATION_FLAGS, InventoryDevice
 from devmig_agent.sessions import Code, SessionError, VmmError
 from devmig_agent.tracking import Area
 
@@ -234,6 +235,14 @@ def placeholder_fd(device: ManagedDevice) -> tuple[int, str]:
     return os.memfd_create(f"devmig-sim:{device.id}", os.MFD_CLOEXEC), "placeholder"
 
 
+def device_fd(device: ManagedDevice) -> tuple[int, str]:
+    """A duplicate of a real device's VFIO fd; a placeholder for a
+    simulated one."""
+    if device.vfio is not None:
+        return os.dup(device.vfio.device_fd), "vfio"
+    return placeholder_fd(device)
+
+
 @dataclasses.dataclass
 class _Pending:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -263,7 +272,7 @@ class VmmHub:
         registry: DeviceRegistry,
         *,
         allowed_uid: int | None = None,
-        fd_for: FdFor = placeholder_fd,
+        fd_for: FdFor = device_fd,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         dirty_source: DirtySource | None = None,
     ) -> None:
@@ -408,18 +417,24 @@ class VmmHub:
                 }
             )
             return
+        dev: ManagedDevice | None
         try:
             dev = self.registry.get(device_id)
         except UnknownDevice as e:
-            conn.send(
-                {
-                    "op": "error",
-                    "id": msg.get("id", 0),
-                    "reason": "UnknownDevice",
-                    "message": str(e),
-                }
-            )
-            return
+            dev = None
+            # A restarted agent may not have the device open (its VMM held
+            # it, so discovery found it in use): the hand-back is what lets
+            # the agent open it again.
+            if handed_back < 0 or self.registry.found(device_id) is None:
+                conn.send(
+                    {
+                        "op": "error",
+                        "id": msg.get("id", 0),
+                        "reason": "UnknownDevice",
+                        "message": str(e),
+                    }
+                )
+                return
         with self._lock:
             other = self._by_device.get(device_id)
             if other is not None and other is not conn:
@@ -466,6 +481,7 @@ class VmmHub:
                 )
             log.info("VMM handed %s back (incarnation %s)", device_id, msg["incarnation"])
             return
+        assert dev is not None  # only a hand-back registers an unopened device
         fd, kind = self.fd_for(dev)
         try:
             conn.send(
@@ -621,20 +637,27 @@ class VmmHub:
 
     # ------------------------------------------------- after a restart
 
-    def take_back(self, device_id: str, incarnation: str, until: float) -> tuple[str, int] | None:
-        """The fd a VMM handed back for this incarnation of the device, as
-        (kind, fd); waits until ``until`` (time.monotonic) for it. The
-        caller owns the fd."""
+    def take_back(
+        self, device_id: str, incarnation: str | None, until: float
+    ) -> tuple[str, str, int] | None:
+        """The fd a VMM handed back for this incarnation of the device (any
+        incarnation for None), as (incarnation, kind, fd); waits until
+        ``until`` (time.monotonic) for it. The caller owns the fd."""
         with self._lock:
             while True:
                 got = self._returned.get(device_id)
-                if got is not None and got[0] == incarnation:
+                if got is not None and incarnation in (None, got[0]):
                     del self._returned[device_id]
-                    return got[1], got[2]
+                    return got
                 left = until - time.monotonic()
                 if left <= 0:
                     return None
                 self._returned_cond.wait(left)
+
+    def handed_back(self) -> list[str]:
+        """Devices whose fd a VMM handed back and nobody took yet."""
+        with self._lock:
+            return sorted(self._returned)
 
 
 class VmmReacquirer:
@@ -660,15 +683,44 @@ class VmmReacquirer:
 
     def reacquire(self, device_id: str, incarnation: str) -> ManagedDevice | None:
         try:
-            current = self.registry.get(device_id)
+            dev = self.registry.get(device_id)
         except UnknownDevice:
-            return None
-        if incarnation and current.incarnation == incarnation:
-            return current
+            # Not open in this process: discovery found it in use (its VMM
+            # holds it), so only a hand-back can bring it.
+            found = self.registry.found(device_id)
+            if found is None:
+                return None
+            current = found
+        else:
+            if incarnation and dev.incarnation == incarnation:
+                return dev
+            current = dev.info
         got = self.hub.take_back(device_id, incarnation, self.until)
         if got is None:
             return None
-        kind, fd = got
+        return self._open(device_id, current, *got)
+
+    def adopt_handed_back(self) -> list[str]:
+        """Open the devices VMMs handed back that no session claimed (the
+        agent restarted while they were idle), so they can migrate again;
+        returns their ids. Their state lives on: same incarnation."""
+        out = []
+        for device_id in self.hub.handed_back():
+            if device_id in self.registry.ids():
+                continue
+            info = self.registry.found(device_id)
+            got = self.hub.take_back(device_id, None, 0.0)
+            if info is None or got is None:
+                if got is not None:
+                    os.close(got[2])
+                continue
+            if self._open(device_id, info, *got) is not None:
+                out.append(device_id)
+        return out
+
+    def _open(
+        self, device_id: str, info: InventoryDevice, incarnation: str, kind: str, fd: int
+    ) -> ManagedDevice | None:
         if kind != "vfio":
             os.close(fd)  # a placeholder: nothing of the device lives in it
             return None
@@ -678,6 +730,33 @@ class VmmReacquirer:
             os.close(fd)
             log.error("cannot re-open %s from the VMM's fd: %s", device_id, e)
             return None
-        dev = ManagedDevice(current.info, handle, incarnation=incarnation)
-        self.registry.replace(dev)
+        # The VMM's fd is the agent's own reference now (open_device took a
+        # duplicate): the one a VMM registering afresh is handed a copy of.
+        vfio = devmig_native.VfioHandle(device_fd=fd)
+        if not info.migratable:
+            info = _probed(info, handle)
+        dev = ManagedDevice(info, handle, incarnation=incarnation, vfio=vfio)
+        if device_id in self.registry.ids():
+            self.registry.replace(dev)
+        else:
+            self.registry.add(dev)
+        log.info("re-opened %s from the fd its VMM handed back", device_id)
         return dev
+
+
+def _probed(info: InventoryDevice, handle: devmig_native.Device) -> InventoryDevice:
+    """A found-in-use device's entry, completed from the device itself."""
+    try:
+        flags = handle.probe()
+    except OSError as e:
+        log.warning("probe of %s: %s", info.id, e)
+        return info
+    names = tuple(f.name for f in devmig_native.MigFlags if f.name and flags & f)
+    ok = bool(flags & devmig_native.MigFlags.STOP_COPY)
+    return dataclasses.replace(
+        info,
+        migration_flags=tuple(x for x in names if x in MIGRATION_FLAGS),
+        migratable=ok,
+        not_migratable_reason="" if ok else "NoStopCopy: the device cannot save its state",
+        health="Healthy",
+    )

@@ -31,7 +31,17 @@ def tls(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def start(*args: str) -> tuple[subprocess.Popen[str], str]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "devmig_agent.main", "--node-name", "n1", *args],
+        # Listing devices only: no session manager, so no journal to write.
+        [
+            sys.executable,
+            "-m",
+            "devmig_agent.main",
+            "--node-name",
+            "n1",
+            "--vfio-discovery",
+            "list",
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -55,7 +55,18 @@ def test_an_unknown_api_version_is_refused_with_failed_precondition(
 
 def test_the_agent_command_serves_the_handshake_until_terminated() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devmig_agent.main", "--listen", "127.0.0.1:0", "--node-name", "n1"],
+        # Listing devices only: no session manager, so no journal to write.
+        [
+            sys.executable,
+            "-m",
+            "devmig_agent.main",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-name",
+            "n1",
+            "--vfio-discovery",
+            "list",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -11,15 +11,21 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
+import socket
 import subprocess
 import sys as pysys
+import tempfile
 
 import grpc
 
+import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import discovery
-from devmig_agent.discovery import Found, ProbeResult
+from devmig_agent import devices, discovery, vmm
+from devmig_agent import main as agent_main
+from devmig_agent.discovery import Found, Opened, ProbeResult
+from devmig_agent.inventory import InventoryDevice
 
 
 def _pci(
@@ -225,3 +231,113 @@ def test_the_agent_process_lists_found_devices_beside_its_simulated_ones(
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+# ------------------------------------------------ devices the agent drives
+
+
+def _opened() -> tuple[Opened, int]:
+    """What a kept probe returns on a real node, with a memfd standing for
+    the VFIO device fd and a simulated device for the native handle."""
+    fd = os.memfd_create("vfio-device", os.MFD_CLOEXEC)
+    return Opened(devmig_native.VfioHandle(device_fd=fd), devmig_native.SimDevice()), fd
+
+
+def test_a_free_migratable_device_stays_open_and_its_vmm_gets_a_duplicate_of_its_fd(
+    tmp_path: pathlib.Path,
+) -> None:
+    sys, dev = node(tmp_path)
+    opened, fd = _opened()
+    probed: list[str] = []
+
+    def fake_probe(f: Found) -> ProbeResult:
+        probed.append(f.id)
+        if f.id == "0000:3b:00.1":
+            return ProbeResult(flags=("STOP_COPY", "PRE_COPY"), migratable=True, opened=opened)
+        return ProbeResult(reason="NoMigrationSupport: the driver offers no VFIO migration")
+
+    reg = devices.DeviceRegistry([])
+    reg.pin_holder("0000:3b:00.1", "ns/vm")
+    find = discovery.Discovery(sys, dev, keep=True, probe_fn=fake_probe)
+    agent_main.discover(reg, find)
+    assert reg.ids() == {"0000:3b:00.1"}
+    held = reg.get("0000:3b:00.1")
+    assert held.vfio is opened.vfio and held.handle is opened.device
+    inv = reg.inventory()
+    assert inv[0].id == "0000:3b:00.1" and inv[0].migratable and inv[0].vmi == "ns/vm"
+    assert "0000:3b:00.1" not in {d.id for d in reg.discovered()}
+    # A device the agent holds is never probed again (it would be in use).
+    probed.clear()
+    agent_main.discover(reg, find)
+    assert "0000:3b:00.1" not in probed and reg.ids() == {"0000:3b:00.1"}
+
+    sock_dir = tempfile.mkdtemp(prefix="dm-disc-")
+    hub = vmm.VmmHub(f"{sock_dir}/vmm.sock", reg)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(hub.path)
+            vmm.send_line(c, {"op": "register", "id": 1, "device": "0000:3b:00.1"})
+            r = vmm.LineReader(c, vmm.MAX_REPLY)
+            reply = r.read()
+            assert reply is not None and (reply["op"], reply["fd"]) == ("registered", "vfio")
+            (got,) = r.fds
+            # The same open file as the agent's own: a duplicate, not a copy.
+            assert os.fstat(got).st_ino == os.fstat(fd).st_ino
+            os.close(got)
+    finally:
+        hub.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_a_restarted_agent_opens_a_device_found_in_use_from_the_fd_its_vmm_hands_back(
+    tmp_path: pathlib.Path,
+) -> None:
+    dev_id = "83b8f4f2-509f-382f-3c1e-e6bfe0fa2001"
+    reg = devices.DeviceRegistry([])
+    reg.set_discovered(
+        [
+            InventoryDevice(
+                id=dev_id,
+                driver="mtty",
+                mdev_type="mtty-2",
+                not_migratable_reason="InUse: VFIO_DEVICE_BIND_IOMMUFD: Invalid argument",
+            )
+        ]
+    )
+    sim = devmig_native.SimDevice()
+    sock_dir = tempfile.mkdtemp(prefix="dm-disc-")
+    hub = vmm.VmmHub(f"{sock_dir}/vmm.sock", reg)
+    reacquirer = vmm.VmmReacquirer(hub, reg, open_device=lambda fd: sim, wait_s=0)
+    fd = os.memfd_create("vfio-device", os.MFD_CLOEXEC)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(hub.path)
+            r = vmm.LineReader(c, vmm.MAX_REPLY)
+            # Unknown to this node: refused, the fd not taken.
+            vmm.send_line(
+                c,
+                {"op": "register", "id": 1, "device": "nope", "incarnation": "i0", "fd": "vfio"},
+                fd,
+            )
+            reply = r.read()
+            assert reply is not None and reply["reason"] == "UnknownDevice"
+            vmm.send_line(
+                c,
+                {"op": "register", "id": 2, "device": dev_id, "incarnation": "i1", "fd": "vfio"},
+                fd,
+            )
+            reply = r.read()
+            assert reply is not None and (reply["op"], reply["fd"]) == ("registered", "kept")
+            assert hub.handed_back() == [dev_id]
+            assert reacquirer.adopt_handed_back() == [dev_id]
+        d = reg.get(dev_id)
+        # The same incarnation: the VMM's fd kept the device's state.
+        assert d.incarnation == "i1" and d.handle is sim
+        assert d.vfio is not None and os.fstat(d.vfio.device_fd).st_ino == os.fstat(fd).st_ino
+        # Completed from the device itself: it can migrate.
+        assert d.info.migratable and "STOP_COPY" in d.info.migration_flags
+        assert reg.discovered() == [] and hub.handed_back() == []
+    finally:
+        os.close(fd)
+        hub.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -7,8 +7,10 @@ chart's alert rules and the docs can list them.
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import enum
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +72,11 @@ class Reason(enum.StrEnum):
 def now() -> str:
     """Kubernetes time format, seconds precision, UTC."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch(ts: str) -> float:
+    """Seconds since the epoch of a time written by ``now``."""
+    return float(calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")))
 
 
 def set_condition(

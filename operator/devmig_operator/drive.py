@@ -7,9 +7,7 @@ Called by the kopf handlers; free of kopf itself.
 
 from __future__ import annotations
 
-import calendar
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ from devmig_operator.conditions import (
     ConditionType,
     Phase,
     Reason,
+    epoch,
     now,
     phase_status,
     set_condition,
@@ -57,8 +56,11 @@ STEPS: dict[Phase, Step] = {
 COMMITTED_RETRY_S = 5.0
 
 
-def _epoch(ts: str) -> float:
-    return float(calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")))
+def _progressing_message(status: dict[str, Any]) -> str:
+    for c in status.get("conditions") or []:
+        if c.get("type") == ConditionType.PROGRESSING.value:
+            return str(c.get("message", ""))
+    return ""
 
 
 def _write(ctx: Context, patch: dict[str, Any]) -> None:
@@ -91,7 +93,7 @@ def reconcile(
                 )
             elif ctx.status.get("startTime"):
                 limit = int(ctx.policy.get("completionTimeoutSeconds", 900))
-                if ctx.clock() - _epoch(ctx.status["startTime"]) > limit:
+                if ctx.clock() - epoch(ctx.status["startTime"]) > limit:
                     _start_rollback(
                         ctx,
                         Phase.FAILED,
@@ -99,6 +101,17 @@ def reconcile(
                         f"not completed within completionTimeoutSeconds={limit}",
                         emit,
                     )
+            since = ctx.status.get("agentUnavailableSince")
+            limit = int(ctx.policy.get("agentTimeoutSeconds", rollback.DEFAULT_AGENT_TIMEOUT_S))
+            if since and not ctx.status.get("rollback") and ctx.clock() - epoch(since) > limit:
+                _start_rollback(
+                    ctx,
+                    Phase.FAILED,
+                    Reason.AGENT_UNAVAILABLE,
+                    f"an agent was unreachable for more than agentTimeoutSeconds={limit}: "
+                    + _progressing_message(ctx.status),
+                    emit,
+                )
         if ctx.status.get("rollback") and not committed:
             result = rollback.rolled_back(ctx, agents, key())
         elif phase in STEPS:
@@ -141,6 +154,12 @@ def reconcile(
                 ctx.status, phase, ctx.generation, at, result.reason, result.message
             )
             patch.update(result.status)
+            # How long agents have been unreachable, for agentTimeoutSeconds
+            # (and for a rollback that cannot reach the target).
+            if result.reason is Reason.AGENT_UNAVAILABLE:
+                patch["agentUnavailableSince"] = ctx.status.get("agentUnavailableSince") or at
+            elif ctx.status.get("agentUnavailableSince"):
+                patch["agentUnavailableSince"] = None
             if result.reason is Reason.NO_COMPATIBLE_TARGET:
                 patch["conditions"] = set_condition(
                     patch["conditions"],

@@ -36,6 +36,9 @@ def agents() -> Iterator[dict[str, str]]:
                 "127.0.0.1:0",
                 "--node-name",
                 node,
+                # Devices listed, never driven: these agents run no sessions.
+                "--vfio-discovery",
+                "list",
             ],
             stdout=subprocess.PIPE,
             text=True,

@@ -68,3 +68,40 @@ def test_a_migration_that_cannot_converge_is_aborted_and_rolled_back(
     assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
     assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
     assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+
+
+def test_a_target_agent_that_dies_mid_pre_copy_rolls_back_without_waiting_for_it(
+    kube: Any,
+    namespace: str,
+    agents: list[processes.AgentProcess],
+    operator_process: OperatorProcess,
+) -> None:
+    objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
+    # Never converges at 16 MiB/s, so pre-copy runs until the target dies.
+    objects.create_dm(
+        kube,
+        namespace,
+        "m",
+        "vm",
+        policy={
+            "downtimeLimitMs": 1,
+            "maxPreCopyIterations": 1000,
+            "bandwidthMiBps": 16,
+            "agentTimeoutSeconds": 5,
+        },
+    )
+    objects.wait_dm(kube, namespace, "m", lambda o: o.get("status", {}).get("phase") == "PreCopy")
+    source, target = agents
+    target.proc.kill()
+    target.proc.wait()
+    st = objects.wait_dm_final(kube, namespace, "m")["status"]
+    assert st["phase"] == "Failed", st
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    # Whichever the operator saw first, the source's broken stream
+    # (AgentError) or the unreachable target (AgentUnavailable, after
+    # agentTimeoutSeconds), the rollback gave up on the target after it.
+    assert failed["reason"] in ("AgentError", "AgentUnavailable"), failed
+    assert "the target agent on node-b was unreachable" in failed["message"], failed
+    src = _devices(source.endpoint)[0]
+    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
+    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []

@@ -34,6 +34,15 @@ opts=(
   # IRQ eventfds (VFIO_DEVICE_SET_IRQS) and the simulated device's
   # re-evaluate hint
   EVENTFD
+  # The two-node test (tests/e2e-kernel) runs Python and the agent in the
+  # guest: SMP needs ACPI under SeaBIOS; the userland needs epoll, signalfd,
+  # timerfd, inotify, AIO and friends; the root filesystem is an erofs image
+  # on virtio-blk (erofs sits under MISC_FILESYSTEMS); the guests talk over
+  # virtio-net. One kernel serves both tests, so one cold build.
+  SMP ACPI HIGH_RES_TIMERS PCI PCI_MSI UNIX98_PTYS RD_ZSTD EPOLL SIGNALFD
+  TIMERFD INOTIFY_USER FHANDLE AIO ADVISE_SYSCALLS MEMBARRIER RSEQ
+  FILE_LOCKING SYSVIPC POSIX_MQUEUE INET NETDEVICES VIRTIO_MENU VIRTIO_PCI
+  VIRTIO_NET BLOCK VIRTIO_BLK MISC_FILESYSTEMS EROFS_FS
 )
 # Turned off: the other members of a choice an option above belongs to
 # (tinyconfig picks KERNEL_XZ, and enabling KERNEL_GZIP alone leaves it).

@@ -5,13 +5,11 @@ limit."""
 
 from __future__ import annotations
 
-import calendar
-import time
 from typing import Any
 
 from devmig.agent.v1alpha1 import agent_pb2
 from devmig_operator import agents as agentsmod
-from devmig_operator.conditions import Phase, Reason
+from devmig_operator.conditions import Phase, Reason, epoch
 from devmig_operator.context import Context
 from devmig_operator.convergence import Decision, decide
 from devmig_operator.phases.preparing_target import state_name
@@ -28,7 +26,7 @@ RETRY_S = 3.0
 def entered_at(status: dict[str, Any], phase: Phase) -> float | None:
     for t in reversed(status.get("phaseTransitions") or []):
         if t.get("phase") == phase.value:
-            return float(calendar.timegm(time.strptime(t["time"], "%Y-%m-%dT%H:%M:%SZ")))
+            return epoch(t["time"])
     return None
 
 
@@ -60,13 +58,24 @@ def converged(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
     devices = [dict(d) for d in st.get("devices") or []]
     try:
         src = agent_for(ctx, agents, st["sourceNode"])
-        dst = agent_for(ctx, agents, st["targetNode"])
         statuses = []
         for i, d in enumerate(devices):
             ref = session_ref(ctx, key, i)
-            if d.get("sourceState") not in ("PRE_COPY", "PRE_COPY_P2P"):
+            s = agentsmod.call(src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)).status
+            if s.phase in (agent_pb2.SESSION_PHASE_FAILED, agent_pb2.SESSION_PHASE_ABORTED):
+                # Asked of the source first: a session that failed (its
+                # stream to a dead target, say) or that its agent rolled
+                # back (no decision in time after a restart) fails the
+                # migration even while the target cannot be reached.
+                what = "failed" if s.phase == agent_pb2.SESSION_PHASE_FAILED else "rolled back"
+                return Failed(Reason.AGENT_ERROR, f"source session {what}: {s.message}")
+            if s.phase == agent_pb2.SESSION_PHASE_PREPARED:
+                # Not streaming yet, or no longer: an agent that restarted
+                # mid-pre-copy answers StartPreCopy with DeviceNotRunning
+                # (its stream died with it), which rolls back.
                 # PrepareTarget is idempotent: it hands back the endpoint the
                 # target opened for this session.
+                dst = agent_for(ctx, agents, st["targetNode"])
                 pt = agentsmod.call(
                     dst.stub.PrepareTarget,
                     agent_pb2.PrepareTargetRequest(session=ref, device_id=d["targetDevice"]),
@@ -77,9 +86,10 @@ def converged(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
                         session=ref, target_data_endpoint=pt.data_endpoint
                     ),
                 )
-            statuses.append(
-                agentsmod.call(src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)).status
-            )
+                s = agentsmod.call(
+                    src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)
+                ).status
+            statuses.append(s)
     except agentsmod.AgentUnavailable as e:
         return Wait(RETRY_S, Reason.AGENT_UNAVAILABLE, str(e))
     except agentsmod.AgentRefused as e:

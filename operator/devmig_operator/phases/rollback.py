@@ -8,7 +8,7 @@ from __future__ import annotations
 from devmig.agent.v1alpha1 import agent_pb2
 from devmig_operator import agents as agentsmod
 from devmig_operator import placement
-from devmig_operator.conditions import Phase, Reason
+from devmig_operator.conditions import Phase, Reason, epoch
 from devmig_operator.context import Context
 from devmig_operator.results import Done, Result, Wait
 from devmig_operator.sessions import agent_for, session_ref
@@ -17,13 +17,20 @@ from devmig_operator.sessions import agent_for, session_ref
 # must finish before the migration may report Failed: a source device left
 # in PRE_COPY would keep its traps on and its VM slowed.
 RETRY_S = 3.0
+# policy.agentTimeoutSeconds's default (the CRD's too), seconds: long enough
+# for an agent pod to be restarted and recover its journal, short enough
+# that a VM does not run slowed by traps for long when its target is gone.
+DEFAULT_AGENT_TIMEOUT_S = 60
 
 
 def rolled_back(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
     st = ctx.status
     rb = st.get("rollback") or {}
     devices = st.get("devices") or []
-    for node_key in ("targetNode", "sourceNode"):
+    note = ""
+    # The source first: the VM's device must run there again, whatever
+    # becomes of the target.
+    for node_key in ("sourceNode", "targetNode"):
         node = st.get(node_key)
         if not node or not devices:
             continue
@@ -37,6 +44,15 @@ def rolled_back(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
                     ),
                 )
         except agentsmod.AgentUnavailable as e:
+            if node_key == "targetNode" and _gave_up_on_target(ctx):
+                # A target agent gone for good (its node died) holds no
+                # state of the VM's: when it returns, its journal recovery
+                # resets a target that never ran. Nothing waits for it.
+                note = (
+                    f"; the target agent on {node} was unreachable, it resets its "
+                    "device when it returns"
+                )
+                continue
             return Wait(RETRY_S, Reason.AGENT_UNAVAILABLE, f"rolling back: {e}")
         except agentsmod.AgentRefused as e:
             if e.code.name == "UNIMPLEMENTED":
@@ -61,4 +77,14 @@ def rolled_back(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
         if who == ctx.who:
             placement.release(ctx.cluster.coord, ctx.cluster.lease_namespace, node, dev, who)
     final = Phase(rb.get("phase", Phase.FAILED.value))
-    return Done(final, {}, rb.get("message", "rolled back"))
+    return Done(final, {}, rb.get("message", "rolled back") + note)
+
+
+def _gave_up_on_target(ctx: Context) -> bool:
+    """Whether agents have been unreachable for policy.agentTimeoutSeconds
+    (``agentUnavailableSince`` counts from the first failed call)."""
+    since = ctx.status.get("agentUnavailableSince")
+    if not since:
+        return False
+    limit = int(ctx.policy.get("agentTimeoutSeconds", DEFAULT_AGENT_TIMEOUT_S))
+    return ctx.clock() - epoch(since) > limit

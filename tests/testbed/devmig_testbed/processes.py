@@ -74,7 +74,13 @@ def start_agent(
 def wait_inventories(api: Any, agents: list[AgentProcess], timeout_s: int = 60) -> None:
     """Until every agent's NodeDeviceInventory names that agent's endpoint
     (an inventory of the same node left from before names a dead one)."""
-    want = {a.node: a.endpoint for a in agents}
+    wait_endpoints(api, {a.node: a.endpoint for a in agents}, timeout_s)
+
+
+def wait_endpoints(api: Any, endpoints: dict[str, str], timeout_s: int = 60) -> None:
+    """Until each node's NodeDeviceInventory names the agent endpoint given
+    for it."""
+    want = dict(endpoints)
     w = watch.Watch()
     for ev in w.stream(
         client.CustomObjectsApi(api).list_cluster_custom_object,
@@ -94,7 +100,11 @@ def wait_inventories(api: Any, agents: list[AgentProcess], timeout_s: int = 60) 
 
 
 def start_operator(
-    kubeconfig: pathlib.Path, namespace: str, metrics_port: int, watch_namespace: str = ""
+    kubeconfig: pathlib.Path,
+    namespace: str,
+    metrics_port: int,
+    watch_namespace: str = "",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     args = [
         sys.executable, "-m", "devmig_operator",
@@ -105,7 +115,12 @@ def start_operator(
         args += ["--namespace", watch_namespace]
     return subprocess.Popen(
         args,
-        env={**os.environ, "KUBECONFIG": str(kubeconfig), "DEVMIG_NAMESPACE": namespace},
+        env={
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "DEVMIG_NAMESPACE": namespace,
+            **(env or {}),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
