@@ -6,7 +6,7 @@ export PATH := $(CACHE)/go/bin:$(CACHE)/path:$(PATH)
 UV := uv
 RUN := $(UV) run --locked --no-sync
 
-.PHONY: help bootstrap demo test test-fast lint fmt cluster-up cluster-down bench clean diagrams
+.PHONY: help bootstrap demo test test-fast test-twonode lint fmt cluster-up cluster-down bench clean diagrams
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ test: bootstrap ## run every test (C, Python, control plane); the last line is p
 
 test-fast: ## run the tests without bootstrapping first
 	$(RUN) pytest
+
+test-twonode: ## the fully real two-node test alone (two QEMU guests; docs/testing.md)
+	$(RUN) pytest -q tests/twonode
 
 lint: ## ruff, mypy (strict) and the layering rules
 	$(RUN) ruff check .

@@ -253,14 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--vmm-socket",
-        default="",
-        help="serve the VMM contract (vmm.py) on this Unix socket, empty for none",
+        default=os.environ.get("DEVMIG_VMM_SOCKET", ""),
+        help="serve the VMM contract (vmm.py) on this Unix socket, empty for none "
+        "(env DEVMIG_VMM_SOCKET)",
     )
     p.add_argument(
         "--vmm-uid",
         type=int,
-        default=None,
-        help="a uid besides root that may register as a VMM (e.g. virt-launcher's qemu, 107)",
+        default=int(os.environ["DEVMIG_VMM_UID"]) if os.environ.get("DEVMIG_VMM_UID") else None,
+        help="a uid besides root that may register as a VMM, e.g. virt-launcher's qemu, 107 "
+        "(env DEVMIG_VMM_UID)",
     )
     p.add_argument(
         "--recovery-deadline",

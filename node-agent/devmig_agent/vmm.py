@@ -299,7 +299,11 @@ class VmmHub:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         # Owner and group may connect; SO_PEERCRED decides who is served.
+        # The allowed uid (virt-launcher's qemu) owns the socket so that it
+        # can connect at all; root connects whatever the mode.
         os.chmod(path, 0o660)
+        if allowed_uid is not None:
+            os.chown(path, allowed_uid, -1)
         self._listener.listen()
         self._stopping = False
         threading.Thread(target=self._accept_loop, daemon=True, name="vmm-accept").start()

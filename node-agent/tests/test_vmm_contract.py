@@ -303,3 +303,32 @@ def test_a_placeholder_handed_back_means_the_simulated_device_was_reset(
         src.close()
         b.hub.close()
         b.data.shutdown()
+
+
+def test_the_allowed_uid_owns_the_socket_and_may_register(sock_dir: str) -> None:
+    reg = devices.simulated("q", devices.SimSpec(count=1, size=1 << 20))
+    qemu = 107  # virt-launcher's qemu user, the chart's agent.vmmUid
+    hub = vmm.VmmHub(f"{sock_dir}/q/vmm.sock", reg, allowed_uid=qemu)
+    try:
+        st = os.stat(hub.path)
+        assert (st.st_uid, st.st_mode & 0o777) == (qemu, 0o660)
+        os.chmod(sock_dir, 0o755)  # mkdtemp's 0700 would stop any non-root peer
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the hypervisor, as qemu
+            try:
+                os.close(r)
+                os.setuid(qemu)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(hub.path)
+                    vmm.send_line(s, {"op": "register", "id": 1, "device": "sim-q-0"})
+                    os.write(w, s.makefile("rb").readline())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            reply = f.read()
+        os.waitpid(pid, 0)
+        assert b'"op":"registered"' in reply, reply
+    finally:
+        hub.close()

@@ -20,6 +20,7 @@ AGENT_HOST_PATHS = {
     "/var/lib/kubelet/pod-resources": True,  # connect() to the socket needs no write
     "/var/run/kubevirt/plugins": False,  # the agent creates its hook socket here
     "/var/lib/devmig": False,  # session journal
+    "/var/run/devmig": False,  # the agent creates the VMM contract socket here
 }
 
 

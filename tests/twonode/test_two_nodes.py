@@ -117,7 +117,7 @@ class Cluster:
         # A downtime limit TCG meets; an agent gone for 20 s is gone (the
         # default, 60 s, only makes the rollback tests slower).
         policy = {"downtimeLimitMs": 5000, "agentTimeoutSeconds": 20}
-        objects.create_dm(self.kube, self.namespace, name, "vm", policy=policy)
+        objects.create_dm(self.kube, self.namespace, name, "vm", targetNode="node-b", policy=policy)
 
     def dm(self, name: str = "move") -> dict[str, Any]:
         o: dict[str, Any] = client.CustomObjectsApi(self.kube).get_namespaced_custom_object(
@@ -202,8 +202,23 @@ def _uart(g: qemu_nodes.Guest, port: int) -> bytes:
     return bytes.fromhex(g.call("uart_read", port=port)["data"])
 
 
+def _inventory_entry(cluster: Cluster, g: qemu_nodes.Guest) -> dict[str, Any]:
+    inv = client.CustomObjectsApi(cluster.kube).get_cluster_custom_object(
+        objects.GROUP, objects.VERSION, "nodedeviceinventories", g.name
+    )
+    entry: dict[str, Any] = next(d for d in inv["status"]["devices"] if d["id"] == g.mdev_uuid)
+    return entry
+
+
 def test_a_live_mtty_moves_to_node_b_with_its_uart_bytes(cluster: Cluster) -> None:
     a, b = cluster.a, cluster.b
+    # Each node's inventory shows its real mtty as the kernel describes it:
+    # found in sysfs, its migration flags asked of the driver.
+    for g in (a, b):
+        d = _inventory_entry(cluster, g)
+        assert (d["driver"], d["mdevType"], d["migratable"]) == ("mtty", "mtty-2", True), d
+        assert set(d["migrationFlags"]) == {"STOP_COPY", "P2P", "PRE_COPY"}, d
+    assert _inventory_entry(cluster, a)["vmi"] == f"{cluster.namespace}/vm"
     a.call("uart_write", port=0, data=BEFORE.hex())
     a.call("at_precopy", port=1, data=DURING.hex())
     cluster.start()
