@@ -160,6 +160,8 @@ class Session:
     phase_since_ns: int = 0
     # Source, from pre-copy on: the guest pages the device's DMA dirtied.
     tracker: tracking.DirtyTracker | None = None
+    # The VMM pulled its final dirty pages (after stop-and-copy).
+    vmm_final_pulled: bool = False
 
 
 class VmmError(Exception):
@@ -1076,11 +1078,26 @@ class SessionManager:
         pages dirtied since this device's VMM pulled last (the first pull:
         since pre-copy began)."""
         with self._lock:
-            for s in self._sessions.values():
-                if s.device.id == device_id and s.role is Role.SOURCE and not s.phase.final:
-                    tracker = self._tracker(s)
-                    npages, out, final = self._take_dirty(s, tracker, ("vmm", device_id))
-                    return PAGE_SIZE, npages, out, final
+            sources = [
+                s
+                for s in self._sessions.values()
+                if s.device.id == device_id and s.role is Role.SOURCE
+            ]
+            live = [s for s in sources if not s.phase.final]
+            # A migration that succeeded keeps its last pages for the VMM
+            # until it pulled them once: the commit may come before the
+            # VMM's final pull (the VM is paused meanwhile, so nothing is
+            # lost by waiting).
+            done = [
+                s
+                for s in sources
+                if s.phase is Phase.SUCCEEDED and s.tracker is not None and not s.vmm_final_pulled
+            ]
+            for s in live or done[-1:]:
+                tracker = self._tracker(s)
+                npages, out, final = self._take_dirty(s, tracker, ("vmm", device_id))
+                s.vmm_final_pulled = final
+                return PAGE_SIZE, npages, out, final
         raise SessionError(
             Code.FAILED_PRECONDITION, "NotMigrating", f"{device_id} is not a migration's source"
         )

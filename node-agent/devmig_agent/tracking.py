@@ -141,6 +141,12 @@ class DirtyTracker:
         self.logging = True
 
     def stop(self) -> None:
+        """Stop the device's DMA logging, keeping what it logged last for
+        the consumers' next take (the final pages)."""
+        try:
+            self.collect()
+        except devmig_native.DevmigError as e:
+            log.warning("reading the device's last dirty pages: %s", e)
         if self.logging:
             self.logging = False
             try:

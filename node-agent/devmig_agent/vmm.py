@@ -18,6 +18,7 @@ VMM -> agent::
      "value":1, "mapped":false}          (simulated devices only)
     {"v":1, "op":"guest", "id":4, "device":"...", "offset":0, "length":4096}
                                          (simulated devices only)
+    {"v":1, "op":"sim", "id":5, "device":"..."}  (simulated devices only)
 
 agent -> VMM::
 
@@ -32,6 +33,8 @@ agent -> VMM::
      "npages":262144, "bitmap":"<base64 DMDB>", "final":false}
     {"v":1, "op":"bar", "id":3, "device":"...", "value":0}
     {"v":1, "op":"guest", "id":4, "device":"...", "offset":0, "data":"<base64>"}
+    {"v":1, "op":"sim", "id":5, "device":"...", "guest_size":1048576,
+     "mem_digest":123, "missed_traps":0}
 
 Ids: the VMM numbers its requests, the agent numbers its own; replies carry
 the id of the request they answer. Every agent request must be answered
@@ -57,18 +60,24 @@ the device's DMA wrote since this device's previous pull (the first pull:
 since pre-copy began), as devmig's DMDB bitmap encoding (see
 agent-native/include/devmig/bitmap.h; ``devmig_native.bitmap_decode``).
 ``final`` is true once the device stopped (STOP_COPY and after): it writes
-no guest memory after that, so a final pull holds the last pages. The
+no guest memory after that, so a final pull holds the last pages. After a
+migration succeeded, its source's last pages can still be pulled, once
+(``final``), until the device's next migration: the commit may come
+before the VMM's final pull. The
 pages come from the device's DMA logging over the ``iova_ranges`` given at
 registration (at most ``MAX_IOVA_RANGES``) and, on a simulated device,
 also from its trap-based logging. Errors: ``NotMigrating``,
 ``NoDirtySource``.
 
-``bar`` and ``guest`` exist because a simulated device lives inside the
-agent: they are a vCPU's 8-byte BAR access (``mapped``: through the VMM's
+``bar``, ``guest`` and ``sim`` exist because a simulated device lives
+inside the agent: they are a vCPU's 8-byte BAR access (``mapped``: through the VMM's
 mapping, which the device checks against what it requires trapped, and
 counts as a missed trap when it bypasses one) and a read of the guest
-memory its DMA writes (at most ``MAX_GUEST_READ`` bytes). A real device's
-VMM uses its fd and its own memory instead (``NotSimulated``).
+memory its DMA writes (at most ``MAX_GUEST_READ`` bytes); ``sim`` reports
+the size of that memory, a digest of the device's own memory and its
+missed-trap count, so a VMM in another process can check a migration end
+to end. A real device's VMM uses its fd and its own memory instead
+(``NotSimulated``).
 
 Agent -> VMM lines may be up to ``MAX_REPLY`` bytes (a dirty bitmap of a
 large guest); VMM -> agent lines up to ``MAX_LINE``.
@@ -395,7 +404,7 @@ class VmmHub:
                 p.reply = msg
                 p.done.set()
             return
-        if op in ("bar", "guest", "dirty"):
+        if op in ("bar", "guest", "sim", "dirty"):
             self._serve_request(conn, msg)
             return
         if op != "register":
@@ -544,6 +553,16 @@ class VmmHub:
                     "id": rid,
                     "device": device_id,
                     "value": value,
+                }
+            elif op == "sim":
+                stats = handle.stats()
+                reply = {
+                    "op": "sim",
+                    "id": rid,
+                    "device": device_id,
+                    "guest_size": handle.guest_size,
+                    "mem_digest": stats.mem_digest,
+                    "missed_traps": stats.missed_traps,
                 }
             else:
                 offset, length = int(msg.get("offset", -1)), int(msg.get("length", -1))

@@ -5,8 +5,14 @@ the mappable areas follow the device's state."""
 
 from __future__ import annotations
 
+import pathlib
+
+import local_agent
+import pytest
+
 import devmig_native
-from devmig_agent import tracking
+from devmig_agent import devices, tracking
+from devmig_agent.sessions import Phase, SessionError
 from devmig_agent.tracking import Area, DirtyTracker
 from devmig_native import MigState, SimDevice
 
@@ -76,3 +82,46 @@ def test_ranges_away_from_zero_land_on_their_own_pages() -> None:
     _dma(dev, 100)  # outside the logged range, and not in a migration state
     t.collect()
     assert _pages(t.take("x")) == {9}
+
+
+def test_stopping_keeps_the_last_logged_pages_for_the_next_take() -> None:
+    dev = SimDevice()
+    t = DirtyTracker(dev, [])
+    t.start()
+    dev.set_state(MigState.PRE_COPY, MigState.RUNNING)
+    _dma(dev, 5)
+    t.stop()  # no collect in between: stop reads the log one last time
+    assert _pages(t.take("vmm")) == {5}
+
+
+def test_the_vmm_pulls_the_last_pages_once_after_the_migration_committed(
+    tmp_path: pathlib.Path,
+) -> None:
+    src_reg = devices.simulated("a", devices.SimSpec(count=1, size=1 << 20))
+    dst_reg = devices.simulated("b", devices.SimSpec(count=1, size=1 << 20))
+    a, adp = local_agent.wire(src_reg, tmp_path / "a")
+    b, bdp = local_agent.wire(dst_reg, tmp_path / "b")
+    sim = src_reg.get("sim-a-0").handle
+    assert isinstance(sim, SimDevice)
+    try:
+        a.prepare_source("s", "t", "sim-a-0", 0)
+        endpoint = b.prepare_target("s", "t", "sim-b-0").data_endpoint
+        a.start_pre_copy("s", "t", endpoint)
+        _dma(sim, 9)  # the guest's DMA while pre-copy runs
+        a.stop_and_copy("s", "t", [])
+        for snap in a.watch("s", "t", 10, lambda: True):
+            if snap.phase is Phase.TRANSFERRED:
+                break
+        b.resume("s", "t")
+        a.finish("s", "t")
+        # The commit came first; the paused VMM's final pull still gets
+        # every page since pre-copy began, once.
+        page_size, npages, bitmap, final = a.vmm_dirty("sim-a-0")
+        assert npages == 256  # the 1 MiB guest, in 4 KiB pages
+        assert final and page_size == 4096 and 9 in _pages(bitmap)
+        with pytest.raises(SessionError) as e:
+            a.vmm_dirty("sim-a-0")
+        assert e.value.reason == "NotMigrating"
+    finally:
+        adp.shutdown()
+        bdp.shutdown()

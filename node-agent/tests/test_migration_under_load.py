@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import grpc
 import local_agent
 import pytest
-from vmm_standin import DMA_PAGE, VmmStandIn
 
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
 from devmig_agent import datapath, devices, server, vmm
+from devmig_testbed.vmm_standin import DMA_PAGE, VmmStandIn
 
 # The device state the issue names, bytes.
 STATE_SIZE = 256 << 20

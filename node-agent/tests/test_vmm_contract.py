@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import local_agent
 import pytest
-from vmm_standin import VmmStandIn
 
 import devmig_native
 from devmig_agent import datapath, devices, vmm
 from devmig_agent.sessions import Phase, SessionError, SessionManager
 from devmig_native import MigState
+from devmig_testbed.vmm_standin import VmmStandIn
 
 SID, TOKEN = "dm-v-0", "vmm-token"
 

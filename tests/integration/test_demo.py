@@ -28,6 +28,12 @@ def test_the_demo_migrates_a_device_and_prints_the_summary(
     assert re.search(r"result: +Succeeded \(node-a -> node-b\)", out)
     assert "now STOP on the source, RUNNING on the target" in out
     assert re.search(r"downtime: +\d+ ms", out)
+    assert re.search(r"throughput: +[\d.]+ MiB/s", out)
+    # The VMM stand-in's end-to-end checks: no access slipped past a trap,
+    # no dirty page lost, the device state intact.
+    assert re.search(r"missed traps: +0 \(the vCPU's BAR accesses: [1-9]\d* trapped", out)
+    assert re.search(r"guest memory: +the VMM's copy equals the source's", out)
+    assert re.search(r"device state: +the target's equals the source's", out)
     # The progress bar went through every phase on stderr.
     for phase in ("Validating", "PreCopy", "StopAndCopy", "Succeeded"):
         assert phase in r.stderr

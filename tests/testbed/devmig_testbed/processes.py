@@ -39,10 +39,12 @@ def start_agent(
     state_dir: pathlib.Path,
     sim: str = "count=1,size=8MiB,dirty=16",
     holders: dict[int, str] | None = None,
+    vmm_socket: str = "",
 ) -> AgentProcess:
     """A node agent on a free loopback port with simulated devices,
     publishing its NodeDeviceInventory. ``holders``: device index ->
-    namespace/vmi holding it."""
+    namespace/vmi holding it; ``vmm_socket``: serve the VMM contract
+    there."""
     args = [
         sys.executable, "-m", "devmig_agent.main",
         "--listen", "127.0.0.1:0",
@@ -50,9 +52,13 @@ def start_agent(
         "--sim", sim,
         "--state-dir", str(state_dir / node),
         "--publish-inventory",
+        # Simulated devices only: never the machine's own VFIO devices.
+        "--vfio-discovery", "off",
     ]  # fmt: skip
     for i, vmi in (holders or {}).items():
         args += ["--sim-holder", f"{i}={vmi}"]
+    if vmm_socket:
+        args += ["--vmm-socket", vmm_socket]
     p = subprocess.Popen(
         args,
         env={**os.environ, "KUBECONFIG": str(kubeconfig)},

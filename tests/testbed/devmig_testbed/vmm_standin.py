@@ -91,7 +91,10 @@ class VmmStandIn:
         self._calls_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._work: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.memory = bytearray(sim.guest_size if sim is not None else 0)
+        # The guest memory the device's DMA writes: its size from the
+        # device object in this process, or asked of the agent (``sim``)
+        # when the device lives in another process (the demo).
+        self.memory = bytearray(sim.guest_size if sim is not None else self._ask_guest_size())
         self._vcpu = threading.Thread(target=self._run_vcpu, daemon=True, name="vcpu")
         self._reader = threading.Thread(target=self._read, daemon=True, name="vmm-reader")
         self._worker = threading.Thread(target=self._serve_agent, daemon=True, name="vmm-worker")
@@ -195,9 +198,20 @@ class VmmStandIn:
         with self._cond:
             return list(self._mapped)
 
+    def _ask_guest_size(self) -> int:
+        """Before the threads start, so the reply is read here."""
+        vmm.send_line(self.sock, {"op": "sim", "id": 2, "device": self.device_id})
+        reply = self.reader.read() or {}
+        return int(reply.get("guest_size", 0))
+
+    def sim_info(self) -> dict[str, Any]:
+        """The simulated device's guest size, memory digest and missed-trap
+        count, from the agent."""
+        return self.call({"op": "sim"})
+
     # -------------------------------------------------- memory migration
 
-    def _guest(self, offset: int, length: int) -> bytes:
+    def guest(self, offset: int, length: int) -> bytes:
         r = self.call({"op": "guest", "offset": offset, "length": length})
         return base64.b64decode(r["data"])
 
@@ -205,7 +219,7 @@ class VmmStandIn:
         """The first pass: every guest page."""
         for off in range(0, len(self.memory), GUEST_CHUNK):
             n = min(GUEST_CHUNK, len(self.memory) - off)
-            self.memory[off : off + n] = self._guest(off, n)
+            self.memory[off : off + n] = self.guest(off, n)
 
     def copy_dirty(self) -> tuple[int, bool]:
         """Pull the dirty pages and copy them: (pages copied, final)."""
@@ -216,7 +230,7 @@ class VmmStandIn:
         for first, count in devmig_native.bitmap_ranges(bitmap, npages):
             for p in range(first, first + count, GUEST_CHUNK // BAR_PAGE):
                 n = min(GUEST_CHUNK // BAR_PAGE, first + count - p) * BAR_PAGE
-                self.memory[p * BAR_PAGE : p * BAR_PAGE + n] = self._guest(p * BAR_PAGE, n)
+                self.memory[p * BAR_PAGE : p * BAR_PAGE + n] = self.guest(p * BAR_PAGE, n)
             copied += count
         return copied, bool(r["final"])
 
@@ -272,8 +286,8 @@ class VmmStandIn:
                 msg = None
             if msg is None:
                 with self._calls_lock:
-                    for slot in self._calls.values():
-                        slot[0].set()  # reply None: gone
+                    for waiting in self._calls.values():
+                        waiting[0].set()  # reply None: gone
                 return
             op = msg.get("op")
             if op in ("traps", "pause", "resume"):
