@@ -114,7 +114,7 @@ UPSTREAM_CRDS = pathlib.Path(__file__).resolve().parent / "upstream-crds"
 @pytest.fixture(scope="session")
 def upstream_crds(control_plane: controlplane.ControlPlane) -> list[str]:
     """The stand-in CRDs of the third-party kinds the chart renders
-    (Prometheus Operator, cert-manager, KubeVirt Plugin, kopf peering),
+    (Prometheus Operator, cert-manager, KubeVirt Plugin),
     installed into the test apiserver under their upstream names."""
     return control_plane.install_crds(UPSTREAM_CRDS)
 

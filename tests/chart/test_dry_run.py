@@ -23,8 +23,6 @@ def test_the_stand_in_crds_carry_the_upstream_names(upstream_crds: list[str]) ->
             "clusterissuers.cert-manager.io",
             "certificates.cert-manager.io",
             "plugins.plugin.kubevirt.io",
-            "clusterkopfpeerings.kopf.dev",
-            "kopfpeerings.kopf.dev",
         ]
     )
 

@@ -64,7 +64,6 @@ def test_helm_template_renders_labelled_well_formed_objects(
         "ClusterRole",
         "ClusterRoleBinding",
         "Plugin",
-        "ClusterKopfPeering",
     }
     for d in docs:
         meta = d["metadata"]
@@ -107,7 +106,7 @@ def test_the_operator_runs_the_decided_command_ports_and_probe(helm: Any, find_o
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["DEVMIG_AGENT_PORT"] == "50051"
-    assert env["DEVMIG_PEERING"] == ""
+    assert env["DEVMIG_LEADER_ELECTION"] == "devmig-operator-leader"
     assert env["DEVMIG_AGENT_TLS_SERVER_NAME"] == "devmig-agent.devmig-system.svc"
 
 
@@ -146,19 +145,30 @@ def test_the_image_tag_defaults_to_the_app_version_and_a_digest_wins(
     )
 
 
-def test_more_than_one_operator_replica_needs_kopf_peering(helm: Any, find_one: Any) -> None:
-    proc = helm.run("template", "devmig", str(CHART), "--set", "operator.replicas=2", check=False)
+def test_more_than_one_operator_replica_needs_leader_election(helm: Any, find_one: Any) -> None:
+    proc = helm.run(
+        "template",
+        "devmig",
+        str(CHART),
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "operator.leaderElection.enabled=false",
+        check=False,
+    )
     assert proc.returncode != 0
-    assert "operator.replicas > 1 needs operator.peering.enabled=true" in proc.stderr
-    docs = helm.template(values=[CHART / "ci" / "ha-peering-values.yaml"])
-    peering = find_one(docs, "ClusterKopfPeering")
+    assert "operator.replicas > 1 needs operator.leaderElection.enabled=true" in proc.stderr
+    docs = helm.template(values=[CHART / "ci" / "ha-leader-election-values.yaml"])
     dep = find_one(docs, "Deployment", "-operator")
+    assert dep["spec"]["replicas"] == 2
     env = {
         e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["DEVMIG_PEERING"] == peering["metadata"]["name"]
-    role = find_one(docs, "ClusterRole", "-operator")
-    assert any("clusterkopfpeerings" in r["resources"] for r in role["rules"])
+    assert env["DEVMIG_LEADER_ELECTION"] == "devmig-operator-leader"
+    # The one Lease may be updated (renewed, taken over, released); no other.
+    role = find_one(docs, "Role", "-operator")
+    (rule,) = [r for r in role["rules"] if "update" in r["verbs"]]
+    assert rule["resources"] == ["leases"] and rule["resourceNames"] == ["devmig-operator-leader"]
 
 
 def test_cert_manager_issues_the_same_secrets_the_chart_would_generate(helm: Any) -> None:

@@ -43,7 +43,25 @@ def test_a_migration_succeeds_with_only_the_charts_permissions(
             processes.start_agent(agent_cfg, "node-a", tmp_path, holders={0: f"{namespace}/vm"}),
             processes.start_agent(agent_cfg, "node-b", tmp_path),
         ]
-        operator = processes.start_operator(op_cfg, namespace, controlplane.free_port(), namespace)
+        # Leader election as the chart configures it: its Lease is renewed
+        # and released with the chart's own rights.
+        dep = next(
+            d
+            for d in inst.docs
+            if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+        )
+        lease = next(
+            e["value"]
+            for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] == "DEVMIG_LEADER_ELECTION"
+        )
+        operator = processes.start_operator(
+            op_cfg,
+            namespace,
+            controlplane.free_port(),
+            namespace,
+            extra_args=["--leader-election", lease],
+        )
         try:
             processes.wait_inventories(kube, agents)
             objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
@@ -66,3 +84,4 @@ def test_a_migration_succeeds_with_only_the_charts_permissions(
                 print(a.stop())
         assert dm["status"]["phase"] == "Succeeded", dm["status"]
         assert "Forbidden" not in out and "403" not in out, out[-4000:]
+        assert "released Lease" in out, out[-4000:]

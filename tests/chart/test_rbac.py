@@ -203,7 +203,7 @@ def test_no_rule_uses_wildcards_or_escalating_verbs(installed: Installed) -> Non
 def test_every_rule_carries_a_comment_naming_the_code_path_that_uses_it(helm: Any) -> None:
     text = helm.template_text(
         set_values=[
-            "operator.peering.enabled=true",
+            "operator.leaderElection.enabled=true",
             "operator.replicas=2",
             "operator.watchNamespaces={tenant-a}",
         ]
@@ -437,7 +437,6 @@ def test_the_operator_cannot_do_what_it_does_not_need(installed: Installed) -> N
         == 403
     )
     assert not _allowed(op, "rbac.authorization.k8s.io", "clusterroles", "create", "")
-    assert not _allowed(op, "kopf.dev", "clusterkopfpeerings", "get", "")
 
 
 def test_the_agent_publishes_its_inventory_and_reads_its_node_and_pods(

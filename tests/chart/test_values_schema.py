@@ -111,7 +111,10 @@ def _template(helm: Any, tmp_path: pathlib.Path, values: str) -> Any:
     [
         ("bogus: 1\n", "additional properties 'bogus' not allowed"),
         ("agent:\n  hostpaths: {}\n", "additional properties 'hostpaths' not allowed"),
-        ("operator:\n  peering:\n    enable: true\n", "additional properties 'enable' not allowed"),
+        (
+            "operator:\n  leaderElection:\n    enable: true\n",
+            "additional properties 'enable' not allowed",
+        ),
         ("metrics:\n  serviceMonitor:\n    enabled: true\n    intervall: 5s\n", "'intervall'"),
     ],
     ids=["top-level", "nested-typo", "deep-typo", "monitoring-typo"],

@@ -81,8 +81,8 @@ agents' certificate that the operator and peer agents verify. */}}
 {{- printf "%s.%s.svc" (include "devmig.agent.serviceName" .) .Release.Namespace -}}
 {{- end -}}
 
-{{- define "devmig.peeringName" -}}
-{{- default (include "devmig.fullname" .) .Values.operator.peering.name -}}
+{{- define "devmig.leaderLease" -}}
+{{- default (printf "%s-operator-leader" (include "devmig.fullname" .)) .Values.operator.leaderElection.leaseName -}}
 {{- end -}}
 
 {{/* TLS Secret names; the same whether the chart or cert-manager fills them. */}}

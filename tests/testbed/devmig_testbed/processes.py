@@ -111,6 +111,7 @@ def start_operator(
     metrics_port: int,
     watch_namespace: str = "",
     env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> subprocess.Popen[str]:
     args = [
         sys.executable, "-m", "devmig_operator",
@@ -119,6 +120,7 @@ def start_operator(
     ]  # fmt: skip
     if watch_namespace:
         args += ["--namespace", watch_namespace]
+    args += extra_args or []
     return subprocess.Popen(
         args,
         env={
