@@ -44,8 +44,12 @@ class NoTarget(Exception):
     """No compatible free device; the message says why, per node."""
 
 
-def incompatibility(src: Mapping[str, Any], cand: Mapping[str, Any], need_p2p: bool) -> str | None:
-    """Why ``cand`` cannot receive ``src``'s state, or None if it can."""
+def incompatibility(
+    src: Mapping[str, Any], cand: Mapping[str, Any], need_p2p: bool, vmi_ref: str = ""
+) -> str | None:
+    """Why ``cand`` cannot receive ``src``'s state, or None if it can. A
+    device held by the migrating VMI itself (``vmi_ref``, namespace/name) is
+    not in use by another: it is its target pod's (see choose_targets)."""
     if not cand.get("migratable"):
         return (
             f"{cand.get('id')} is not migratable ({cand.get('notMigratableReason') or 'no reason'})"
@@ -60,8 +64,9 @@ def incompatibility(src: Mapping[str, Any], cand: Mapping[str, Any], need_p2p: b
         return f"{cand.get('id')} lacks P2P, needed when several devices migrate together"
     if cand.get("health", "Healthy") != "Healthy":
         return f"{cand.get('id')} is {cand.get('health')}"
-    if cand.get("vmi") or cand.get("pod"):
-        return f"{cand.get('id')} is in use by {cand.get('vmi') or cand.get('pod')}"
+    holder = cand.get("vmi") or cand.get("pod")
+    if holder and not (vmi_ref and cand.get("vmi") == vmi_ref):
+        return f"{cand.get('id')} is in use by {holder}"
     return None
 
 
@@ -73,8 +78,15 @@ def choose_targets(
     claimed: set[tuple[str, str]],
     target_node: str | None = None,
     busy_nodes: Mapping[str, str] | None = None,
+    vmi_ref: str = "",
 ) -> list[Choice]:
     """One compatible, free device per source device, all on one node.
+
+    ``vmi_ref`` (namespace/name) is the migrating VMI. When KubeVirt
+    migrates it (auto mode), its target pod already runs on the target node
+    and the kubelet allocated that pod its devices: the inventory shows
+    them held by this same VMI. Those are the devices the target VM will
+    have, so they are taken first, and they are not "in use".
 
     Nodes are tried in name order so that the choice is deterministic; a
     node is taken only if it can host every device of the VM (a VM runs on
@@ -94,18 +106,22 @@ def choose_targets(
         if busy_nodes and node in busy_nodes:
             reasons.append(f"{node}: {busy_nodes[node]}")
             continue
-        free = [
-            d
-            for d in (inv.get("status") or {}).get("devices") or []
-            if (node, d.get("id")) not in claimed
-        ]
+        free = sorted(
+            (
+                d
+                for d in (inv.get("status") or {}).get("devices") or []
+                if (node, d.get("id")) not in claimed
+            ),
+            # The target pod's own devices first (stable otherwise).
+            key=lambda d: not (vmi_ref and d.get("vmi") == vmi_ref),
+        )
         picked: list[Choice] = []
         why: list[str] = []
         for src in source_devices:
             for cand in free:
                 if any(c.target_device == cand["id"] for c in picked):
                     continue
-                r = incompatibility(src, cand, need_p2p)
+                r = incompatibility(src, cand, need_p2p, vmi_ref)
                 if r is None:
                     picked.append(Choice(src["id"], node, cand["id"]))
                     break
@@ -230,6 +246,7 @@ def claim_targets(
     target_node: str | None = None,
     attempts: int = 5,
     max_per_node: int = 0,
+    vmi_ref: str = "",
 ) -> list[Choice]:
     """Choose and claim targets for every source device, all or nothing.
 
@@ -251,6 +268,7 @@ def claim_targets(
             others,
             target_node,
             busy_nodes(held, who, max_per_node),
+            vmi_ref,
         )
         got: list[Choice] = []
         for c in choices:

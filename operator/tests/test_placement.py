@@ -61,6 +61,17 @@ def test_claimed_and_in_use_devices_are_skipped() -> None:
     assert got[0].target_device == "b3"
 
 
+def test_the_target_pods_own_devices_are_taken_first_and_others_in_use_never() -> None:
+    # KubeVirt migrating ns/vm: its target pod on b already holds b2.
+    invs = [inv("b", dev("b1"), dev("b2", vmi="ns/vm"), dev("b3", vmi="ns/other"))]
+    got = choose_targets(SRC, invs, "a", ALL, set(), vmi_ref="ns/vm")
+    assert got[0].target_device == "b2"
+    # Without that VMI, b2 is in use like b3.
+    assert choose_targets(SRC, invs, "a", ALL, set())[0].target_device == "b1"
+    with pytest.raises(NoTarget, match="b3 is in use by ns/other"):
+        choose_targets(SRC, [inv("b", dev("b3", vmi="ns/other"))], "a", ALL, set(), vmi_ref="ns/vm")
+
+
 def test_several_devices_need_p2p_and_land_on_one_node() -> None:
     src = [dev("s1"), dev("s2")]
     no_p2p = [dev(f"b{i}", migrationFlags=["STOP_COPY", "PRE_COPY"]) for i in range(2)]

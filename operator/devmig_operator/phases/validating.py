@@ -91,6 +91,7 @@ def target_claimed(ctx: Context) -> Result:
             ctx.cluster.schedulable_nodes(),
             ctx.spec.get("targetNode") or None,
             max_per_node=ctx.max_migrations_per_node,
+            vmi_ref=kubevirt.ref(vmi),
         )
     except placement.NoTarget as e:
         return Wait(RETRY_S, Reason.NO_COMPATIBLE_TARGET, str(e), {"sourceNode": source})

@@ -40,6 +40,7 @@ def start_agent(
     sim: str = "count=1,size=8MiB,dirty=16",
     holders: dict[int, str] | None = None,
     vmm_socket: str = "",
+    extra_args: list[str] | None = None,
 ) -> AgentProcess:
     """A node agent on a free loopback port with simulated devices,
     publishing its NodeDeviceInventory. ``holders``: device index ->
@@ -59,6 +60,7 @@ def start_agent(
         args += ["--sim-holder", f"{i}={vmi}"]
     if vmm_socket:
         args += ["--vmm-socket", vmm_socket]
+    args += extra_args or []
     p = subprocess.Popen(
         args,
         env={**os.environ, "KUBECONFIG": str(kubeconfig)},
