@@ -158,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         help="directory with ca.crt, tls.crt, tls.key for mutual TLS (env DEVMIG_TLS_DIR)",
     )
     p.add_argument(
+        "--operator-identity",
+        action="append",
+        default=[x for x in os.environ.get("DEVMIG_OPERATOR_IDENTITY", "").split(",") if x],
+        metavar="NAME",
+        help="with --tls-dir: the certificate name (CN or SAN) a client needs to drive "
+        "sessions (prepare, pre-copy, stop, resume, finish, abort); repeatable; none: "
+        "any client with a certificate from the CA (env DEVMIG_OPERATOR_IDENTITY, "
+        "comma-separated)",
+    )
+    p.add_argument(
         "--sim",
         default=os.environ.get("DEVMIG_SIM", ""),
         metavar="SPEC",
@@ -378,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                 snap.message,
             )
         log.info("device state accepted on %s", dp.advertise)
-    server.add_to_server(srv, a.node_name, registry, sessions_)
+    identities = frozenset(a.operator_identity)
+    if identities and tls is None:
+        log.warning("--operator-identity needs --tls-dir: without TLS no client is identified")
+        identities = frozenset()
+    server.add_to_server(srv, a.node_name, registry, sessions_, identities)
     agent_health = health.AgentHealth()
     agent_health.add_to(srv)
     if tls is not None:

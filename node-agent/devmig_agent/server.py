@@ -114,10 +114,34 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         node_name: str,
         registry: DeviceRegistry | None = None,
         sessions: SessionManager | None = None,
+        operator_identities: frozenset[str] = frozenset(),
     ) -> None:
         self.node_name = node_name
         self.registry = registry or DeviceRegistry([])
         self.sessions = sessions
+        # The names (certificate CN or SAN) a client must carry to drive
+        # sessions; empty: any client the transport admitted. With mutual
+        # TLS every agent also holds a certificate from the installation's
+        # CA, and a peer agent has no business preparing, stopping or
+        # resuming this node's devices.
+        self.operator_identities = operator_identities
+
+    def _require_operator(self, context: grpc.ServicerContext) -> None:
+        if not self.operator_identities:
+            return
+        auth = context.auth_context()
+        names = {
+            v.decode(errors="replace")
+            for k in ("x509_common_name", "x509_subject_alternative_name")
+            for v in auth.get(k, [])
+        }
+        if not names & self.operator_identities:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"NotOperator: session RPCs are for the operator "
+                f"({', '.join(sorted(self.operator_identities))}); the client is "
+                f"{', '.join(sorted(names)) or 'unidentified'}",
+            )
 
     def _sessions(self, context: grpc.ServicerContext) -> SessionManager:
         if self.sessions is None:
@@ -128,8 +152,16 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         assert self.sessions is not None
         return self.sessions
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[SessionManager], T]) -> T:
-        """Run one session verb; a SessionError leaves as its gRPC status."""
+    def _call(
+        self,
+        context: grpc.ServicerContext,
+        fn: Callable[[SessionManager], T],
+        control: bool = True,
+    ) -> T:
+        """Run one session verb (``control``: one that changes a session,
+        for the operator alone); a SessionError leaves as its gRPC status."""
+        if control:
+            self._require_operator(context)
         m = self._sessions(context)
         try:
             return fn(m)
@@ -283,8 +315,11 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def GetSession(
         self, request: agent_pb2.GetSessionRequest, context: grpc.ServicerContext
     ) -> agent_pb2.GetSessionResponse:
+        # A read, with the session's token: peers and tools may ask too.
         snap = self._call(
-            context, lambda m: m.get(request.session.session_id, request.session.token)
+            context,
+            lambda m: m.get(request.session.session_id, request.session.token),
+            control=False,
         )
         return agent_pb2.GetSessionResponse(status=status_message(snap))
 
@@ -325,7 +360,8 @@ def add_to_server(
     node_name: str,
     registry: DeviceRegistry | None = None,
     sessions: SessionManager | None = None,
+    operator_identities: frozenset[str] = frozenset(),
 ) -> NodeAgentServicer:
-    servicer = NodeAgentServicer(node_name, registry, sessions)
+    servicer = NodeAgentServicer(node_name, registry, sessions, operator_identities)
     agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
     return servicer

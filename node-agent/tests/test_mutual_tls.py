@@ -122,3 +122,36 @@ def test_a_missing_tls_directory_is_a_clear_error(tmp_path: pathlib.Path) -> Non
     p, _ = start("--listen", "127.0.0.1:0", "--tls-dir", str(tmp_path / "nope"))
     assert p.wait(timeout=30) == 1
     assert p.stderr is not None and "cannot read" in p.stderr.read()
+
+
+def test_only_the_operators_certificate_drives_sessions(
+    tls: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    p, addr = start(
+        "--listen", "127.0.0.1:0", "--tls-dir", str(tls["agent"]),
+        "--sim", "count=1,size=1MiB", "--state-dir", str(tmp_path / "state"),
+        "--operator-identity", "devmig-operator",
+    )  # fmt: skip
+    assert addr, "agent did not start"
+    opts = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    req = agent_pb2.PrepareSourceRequest(
+        session=agent_pb2.SessionRef(session_id="s", token="t"), device_id="nope"
+    )
+    try:
+        # A peer agent's certificate: from the same CA, but not the operator.
+        with grpc.secure_channel(addr, _creds(tls["agent"]), options=opts) as ch:
+            stub = agent_pb2_grpc.NodeAgentStub(ch)
+            assert stub.GetVersion(agent_pb2.GetVersionRequest(), timeout=10).node_name == "n1"
+            with pytest.raises(grpc.RpcError) as e:
+                stub.PrepareSource(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (e.value.details() or "").startswith("NotOperator")
+        # The operator's gets past the check (and meets the unknown device).
+        with grpc.secure_channel(addr, _creds(tls["operator"]), options=opts) as ch:
+            stub = agent_pb2_grpc.NodeAgentStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.PrepareSource(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    finally:
+        p.terminate()
+        p.wait(timeout=15)

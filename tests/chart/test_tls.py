@@ -181,3 +181,48 @@ def test_certificates_and_the_session_key_survive_helm_upgrades(
         )
     finally:
         helm.run("uninstall", release, "--namespace", namespace, kubeconfig=kc)
+
+
+def test_the_agent_lets_only_the_charts_operator_certificate_drive_sessions(
+    helm: Any,
+) -> None:
+    import grpc
+
+    from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
+    from devmig_agent import server
+
+    docs = helm.template()
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    env = {
+        e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    identity = env["DEVMIG_OPERATOR_IDENTITY"]
+    s = _secrets(docs)
+    ag, op = s["devmig-agent-tls"], s["devmig-operator-tls"]
+    creds = grpc.ssl_server_credentials(
+        [(ag["tls.key"], ag["tls.crt"])], root_certificates=ag["ca.crt"], require_client_auth=True
+    )
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_to_server(srv, "node-a", operator_identities=frozenset([identity]))
+    port = srv.add_secure_port("127.0.0.1:0", creds)
+    srv.start()
+    req = agent_pb2.AbortRequest(session=agent_pb2.SessionRef(session_id="s", token="t"))
+    opts = [("grpc.ssl_target_name_override", "devmig-agent.devmig-system.svc")]
+    codes = {}
+    try:
+        for who, c in (("agent", ag), ("operator", op)):
+            client_creds = grpc.ssl_channel_credentials(c["ca.crt"], c["tls.key"], c["tls.crt"])
+            with grpc.secure_channel(f"127.0.0.1:{port}", client_creds, options=opts) as ch:
+                try:
+                    agent_pb2_grpc.NodeAgentStub(ch).Abort(req, timeout=10)
+                    codes[who] = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    codes[who] = e.code()
+    finally:
+        srv.stop(grace=None)
+    # A peer agent's certificate is refused; the operator's passes the check
+    # (this servicer runs no sessions, so it then answers UNIMPLEMENTED).
+    assert codes == {
+        "agent": grpc.StatusCode.PERMISSION_DENIED,
+        "operator": grpc.StatusCode.UNIMPLEMENTED,
+    }
