@@ -25,9 +25,11 @@ and NOT_SERVING from the first moment of a shutdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pathlib
+import select
 import signal
 import socket
 import sys
@@ -37,6 +39,7 @@ from typing import Any
 
 import grpc
 
+import devmig_native
 from devmig_agent import (
     datapath,
     devices,
@@ -67,6 +70,10 @@ HOLDERS_POLL_SECONDS = inventory.POLL_SECONDS
 # for rolling back devices.
 SHUTDOWN_GRACE_SECONDS = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# How long the re-evaluate hint watcher waits before looking again for
+# devices added or removed, seconds: one wake-up a second, and a new
+# device's hints are followed within a second.
+HINT_IDLE_SECONDS = 1.0
 
 
 class NoDeviceBackend:
@@ -134,6 +141,35 @@ def rediscover(
             discover(registry, find, reacquirer)
         except OSError as e:
             log.warning("VFIO discovery: %s", e)
+
+
+def watch_reevaluate_hints(
+    registry: devices.DeviceRegistry, manager: sessions.SessionManager, stop: threading.Event
+) -> None:
+    """Follow the devices' re-evaluate hints (an eventfd a device signals
+    when its mappable BAR areas change; the simulated device has one, many
+    real ones have none) and pass each on to the device's VMM."""
+    fds: dict[int, str] = {}
+    seen = -1
+    while not stop.is_set():
+        if registry.generation != seen:
+            seen = registry.generation
+            fds = {}
+            for d in registry.all():
+                if isinstance(d.handle, devmig_native.SimDevice):
+                    # OSError: no eventfd, so this device offers no hint.
+                    with contextlib.suppress(OSError):
+                        fds[d.handle.reeval_eventfd()] = d.id
+        if not fds:
+            stop.wait(HINT_IDLE_SECONDS)
+            continue
+        ready, _, _ = select.select(list(fds), [], [], HINT_IDLE_SECONDS)
+        for fd in ready:
+            try:
+                os.read(fd, 8)  # an eventfd's counter; reading resets it
+            except BlockingIOError:
+                continue
+            manager.reevaluate(fds[fd])
 
 
 def kube_api() -> Any:
@@ -413,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     if sessions_ is not None:
         threading.Thread(
             target=sessions_.run_recovery_deadlines, args=(stop,), daemon=True, name="recovery"
+        ).start()
+    if sessions_ is not None and registry is not None:
+        threading.Thread(
+            target=watch_reevaluate_hints,
+            args=(registry, sessions_, stop),
+            daemon=True,
+            name="reevaluate",
         ).start()
     if find is not None and registry is not None:
         threading.Thread(

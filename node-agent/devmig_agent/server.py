@@ -7,8 +7,8 @@ codes whose details begin with a CamelCase reason ("UnknownSession: ...").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar, cast
 
 import grpc
 
@@ -129,7 +129,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def _require_operator(self, context: grpc.ServicerContext) -> None:
         if not self.operator_identities:
             return
-        auth = context.auth_context()
+        # grpc gives each property as a list of bytes (its stubs say bytes).
+        auth = cast(Mapping[str, list[bytes]], context.auth_context())
         names = {
             v.decode(errors="replace")
             for k in ("x509_common_name", "x509_subject_alternative_name")

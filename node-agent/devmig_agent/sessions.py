@@ -919,6 +919,29 @@ class SessionManager:
             wait = idle_s if not nxt else max(0.0, (nxt - self.clock_ns()) / 1e9)
             stop.wait(min(wait, idle_s))
 
+    def reevaluate(self, device_id: str) -> None:
+        """The device signalled that its mappable BAR areas changed (its
+        re-evaluate hint): tell the VMM what is mappable now. Only a hint:
+        the synchronous switch in StartPreCopy and rollback is what keeps
+        traps correct; this catches changes the device makes on its own.
+        Under the manager's lock, so it never interleaves with a switch
+        (a read taken mid-switch could hand the VMM a stale, larger set)."""
+        with self._lock:
+            live = [
+                s
+                for s in self._sessions.values()
+                if s.device.id == device_id and not s.phase.final and s.role is Role.SOURCE
+            ]
+            try:
+                dev = self.registry.get(device_id)
+            except UnknownDevice:
+                return
+            migrating = any(s.phase is not Phase.PREPARED for s in live)
+            try:
+                self.vmm.traps(device_id, migrating, tracking.mappable_areas(dev.handle))
+            except VmmError as e:
+                log.warning("re-evaluate hint for %s: the VMM did not follow: %s", device_id, e)
+
     # --------------------------------------------------------- lookups
 
     def sessions_for_device(self, device_id: str) -> list[Snapshot]:

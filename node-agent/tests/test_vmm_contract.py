@@ -11,6 +11,8 @@ import pathlib
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +20,8 @@ import local_agent
 import pytest
 
 import devmig_native
-from devmig_agent import datapath, devices, vmm
+from devmig_agent import datapath, devices, tracking, vmm
+from devmig_agent import main as agent_main
 from devmig_agent.sessions import Phase, SessionError, SessionManager
 from devmig_native import MigState
 from devmig_testbed.vmm_standin import VmmStandIn
@@ -332,3 +335,32 @@ def test_the_allowed_uid_owns_the_socket_and_may_register(sock_dir: str) -> None
         assert b'"op":"registered"' in reply, reply
     finally:
         hub.close()
+
+
+def test_a_devices_re_evaluate_hint_reaches_its_vmm_as_what_is_mappable_now(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, _ = nodes
+    src = a.standin()
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=agent_main.watch_reevaluate_hints, args=(a.registry, a.manager, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        handle = a.device.handle
+        assert isinstance(handle, devmig_native.SimDevice)
+        before = len(src.requests)
+        # The device signals on its own (no state change, no session): the
+        # VMM hears what RUNNING allows, passthrough on.
+        os.write(handle.reeval_eventfd(), (1).to_bytes(8, "little"))
+        deadline = time.monotonic() + 10
+        while len(src.requests) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (msg,) = src.requests[before:]
+        assert (msg["op"], msg["on"]) == ("traps", False)
+        assert msg["mappable"] == [x.to_wire() for x in tracking.mappable_areas(handle)]
+    finally:
+        stop.set()
+        watcher.join(5)
+        src.close()
