@@ -105,3 +105,42 @@ def test_a_target_agent_that_dies_mid_pre_copy_rolls_back_without_waiting_for_it
     src = _devices(source.endpoint)[0]
     assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
     assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+
+
+def test_cancelling_during_pre_copy_aborts_with_the_source_running(
+    kube: Any,
+    namespace: str,
+    agents: list[processes.AgentProcess],
+    operator_process: OperatorProcess,
+) -> None:
+    objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
+    # Never converges at 16 MiB/s: pre-copy runs until cancelled.
+    objects.create_dm(
+        kube,
+        namespace,
+        "m",
+        "vm",
+        policy={"downtimeLimitMs": 1, "maxPreCopyIterations": 1000, "bandwidthMiBps": 16},
+    )
+    objects.wait_dm(
+        kube,
+        namespace,
+        "m",
+        lambda o: (o.get("status") or {}).get("devices", [{}])[0].get("bytesSent", 0) > 0,
+    )
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object(
+        objects.GROUP,
+        objects.VERSION,
+        namespace,
+        "devicemigrations",
+        "m",
+        {"spec": {"cancel": True}},
+    )
+    st = objects.wait_dm_final(kube, namespace, "m")["status"]
+    assert st["phase"] == "Aborted", st
+    aborted = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert aborted["reason"] == "Cancelled", aborted
+    src, dst = (_devices(a.endpoint)[0] for a in agents)
+    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
+    assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
+    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
