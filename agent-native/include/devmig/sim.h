@@ -8,8 +8,10 @@
  *
  * The device's own stream format (opaque to devmig, like any driver's):
  * a 32-byte header, one 4112-byte record per page sent (16-byte record
- * header + the page), and a 32-byte end record with a digest of the whole
- * memory, which RESUMING -> STOP checks before it installs the memory. */
+ * header with the page's digest + the page), and a 16-byte end record with
+ * a digest over every page's digest in page order (the memory as it
+ * stopped), which RESUMING -> STOP checks, with each record's own digest,
+ * before it installs the memory. */
 #ifndef DEVMIG_SIM_H
 #define DEVMIG_SIM_H
 
