@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import pathlib
-import re
 import statistics
 import subprocess
 import sys
@@ -65,34 +64,6 @@ FINAL = objects.FINAL_PHASES
 STEPS = 6
 
 
-class Proc:
-    """A child process whose output is drained as it comes (a full pipe
-    would stall it), keeping the last lines for errors."""
-
-    def __init__(self, p: subprocess.Popen[str]) -> None:
-        self.p = p
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            self.tail.append(line)
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.p.pid}/status") as f:
-            m = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) * 1024 if m else 0
-
-    def stop(self) -> None:
-        self.p.terminate()
-        try:
-            self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-
-
 @contextlib.contextmanager
 def cluster(root: pathlib.Path) -> Iterator[tuple[controlplane.ControlPlane, Any]]:
     with controlplane.running(root / "cp") as cp:
@@ -107,13 +78,15 @@ def cluster(root: pathlib.Path) -> Iterator[tuple[controlplane.ControlPlane, Any
 
 def agent(
     cp: controlplane.ControlPlane, node: str, root: pathlib.Path, sim: str, holders: dict[int, str]
-) -> tuple[Proc, str]:
+) -> tuple[processes.Drained, str]:
     a = processes.start_agent(cp.admin_kubeconfig, node, root, sim, holders)
-    return Proc(a.proc), a.endpoint
+    return processes.Drained(a.proc), a.endpoint
 
 
-def operator(cp: controlplane.ControlPlane) -> Proc:
-    return Proc(processes.start_operator(cp.admin_kubeconfig, NS, controlplane.free_port(), NS))
+def operator(cp: controlplane.ControlPlane) -> processes.Drained:
+    return processes.Drained(
+        processes.start_operator(cp.admin_kubeconfig, NS, controlplane.free_port(), NS)
+    )
 
 
 def rtt(endpoint: str) -> float:
@@ -153,7 +126,7 @@ def downtime(root: pathlib.Path, mib: int) -> dict[str, Any]:
 
             st = objects.wait_dm(api, NS, "m", until, timeout_s=600)["status"]
             if st["phase"] != "Succeeded" or not at_stop:
-                raise SystemExit(f"the migration did not succeed: {st}\n{''.join(op.tail)}")
+                raise SystemExit(f"the migration did not succeed: {st}\n{op.log()[-4000:]}")
             sent = sum(int(d["bytesSent"]) for d in st["devices"])
             # What stop-and-copy moved: the bytes sent after the status
             # recorded the transition, or the device's own estimate of what
@@ -246,7 +219,7 @@ def noop_kopf(cp: controlplane.ControlPlane, api: Any, root: pathlib.Path, n: in
     time.sleep(2)  # the CRD Established
     script = root / "noop_operator.py"
     script.write_text(NOOP_OPERATOR)
-    p = Proc(
+    p = processes.Drained(
         subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "--standalone", "-n", NS, str(script)],
             env={**os.environ, "KUBECONFIG": str(cp.admin_kubeconfig)},

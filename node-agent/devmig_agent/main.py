@@ -365,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         registry = registry or devices.DeviceRegistry([])
         find = discovery.Discovery(a.sysfs_root, a.dev_root, keep=a.vfio_discovery == "on")
         discover(registry, find)
+        opened = sum(1 for d in registry.all() if d.vfio is not None)
         log.info(
             "%d VFIO device(s) found in %s, %d opened",
-            len(registry.discovered()) + sum(1 for d in registry.all() if d.vfio is not None),
+            len(registry.discovered()) + opened,
             a.sysfs_root,
-            sum(1 for d in registry.all() if d.vfio is not None),
+            opened,
         )
     for h in a.device_holder:
         dev_id, _, vmi = h.partition("=")

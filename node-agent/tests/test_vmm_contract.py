@@ -111,6 +111,28 @@ def test_bad_registrations_get_typed_errors(nodes: tuple[Node, Node]) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def _register_as(uid: int, path: str, device: str) -> bytes:
+    """A child process that drops to ``uid``, registers for ``device`` on
+    the VMM socket at ``path`` and reports the agent's first line."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                vmm.send_line(s, {"op": "register", "id": 1, "device": device})
+                os.write(w, s.makefile("rb").readline())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        reply = f.read()
+    os.waitpid(pid, 0)
+    return reply
+
+
 def test_a_peer_that_is_neither_root_nor_the_allowed_uid_is_refused(
     nodes: tuple[Node, Node],
 ) -> None:
@@ -121,22 +143,7 @@ def test_a_peer_that_is_neither_root_nor_the_allowed_uid_is_refused(
         os.path.dirname(os.path.dirname(a.hub.path)),
     ):
         os.chmod(p, 0o777)  # let the stranger reach the SO_PEERCRED check
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: a stranger (nobody) dialling the socket
-        try:
-            os.close(r)
-            os.setuid(65534)
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(a.hub.path)
-                vmm.send_line(s, {"op": "register", "id": 1, "device": "sim-a-0"})
-                os.write(w, s.makefile("rb").readline())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        reply = f.read()
-    os.waitpid(pid, 0)
+    reply = _register_as(65534, a.hub.path, "sim-a-0")  # a stranger: nobody
     assert b'"reason":"PermissionDenied"' in reply
     assert not a.hub.registered("sim-a-0")
 
@@ -316,22 +323,7 @@ def test_the_allowed_uid_owns_the_socket_and_may_register(sock_dir: str) -> None
         st = os.stat(hub.path)
         assert (st.st_uid, st.st_mode & 0o777) == (qemu, 0o660)
         os.chmod(sock_dir, 0o755)  # mkdtemp's 0700 would stop any non-root peer
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: the hypervisor, as qemu
-            try:
-                os.close(r)
-                os.setuid(qemu)
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(hub.path)
-                    vmm.send_line(s, {"op": "register", "id": 1, "device": "sim-q-0"})
-                    os.write(w, s.makefile("rb").readline())
-            finally:
-                os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            reply = f.read()
-        os.waitpid(pid, 0)
+        reply = _register_as(qemu, hub.path, "sim-q-0")  # the hypervisor, as qemu
         assert b'"op":"registered"' in reply, reply
     finally:
         hub.close()

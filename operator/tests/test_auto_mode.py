@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubernetes import client
-
 from devmig_operator import automode
 from devmig_testbed import objects
 from devmig_testbed.kubevirt_standin import VirtController
@@ -54,19 +52,7 @@ def test_a_kubevirt_migration_gets_its_device_migration(
     kube: Any, namespace: str, operator_process: Any
 ) -> None:
     objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
-    co = client.CustomObjectsApi(kube)
-    co.create_namespaced_custom_object(
-        "kubevirt.io",
-        "v1",
-        namespace,
-        "virtualmachineinstancemigrations",
-        {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstanceMigration",
-            "metadata": {"name": "mig"},
-            "spec": {"vmiName": "vm"},
-        },
-    )
+    objects.create_vmim(kube, namespace, "mig", "vm")
     VirtController(kube, target_node="node-b").advance_to(namespace, "mig", "Scheduled")
     dm = objects.wait_dm(kube, namespace, "vmim-mig", lambda o: True)
     assert dm["spec"]["targetNode"] == "node-b"

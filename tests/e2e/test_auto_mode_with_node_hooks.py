@@ -94,17 +94,7 @@ def test_kubevirt_migration_waits_on_the_device_phases_and_both_succeed(
 ) -> None:
     objects.create_vmi(kube, namespace, "vm", "node-a", devices=["devmig.io/sim"])
     co = client.CustomObjectsApi(kube)
-    vmim = co.create_namespaced_custom_object(
-        *KV,
-        namespace,
-        "virtualmachineinstancemigrations",
-        {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstanceMigration",
-            "metadata": {"name": "mig"},
-            "spec": {"vmiName": "vm"},
-        },
-    )
+    vmim = objects.create_vmim(kube, namespace, "mig", "vm")
     kv = VirtController(kube, target_node="node-b")
     kv.advance_to(namespace, "mig", "PreparingTarget")
     vmi = _vmi_json(kube, namespace, vmim["metadata"]["uid"])

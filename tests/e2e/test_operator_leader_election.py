@@ -5,10 +5,6 @@ against the real API server."""
 
 from __future__ import annotations
 
-import collections
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,29 +18,6 @@ from devmig_testbed.controlplane import ControlPlane, free_port
 LEASE = "devmig-operator"
 
 
-class Replica:
-    def __init__(self, p: subprocess.Popen[str]) -> None:
-        self.p = p
-        self.lines: collections.deque[str] = collections.deque(maxlen=5000)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            self.lines.append(line)
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        self.p.terminate()
-        try:
-            self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-
-
 def _holder(kube: Any, namespace: str) -> str:
     try:
         lease = client.CoordinationV1Api(kube).read_namespaced_lease(LEASE, namespace)
@@ -53,21 +26,12 @@ def _holder(kube: Any, namespace: str) -> str:
     return str(lease.spec.holder_identity or "")
 
 
-def _until(what: str, check: Any, timeout_s: float = 60) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def replicas(
     control_plane: ControlPlane, kube: Any, namespace: str
-) -> Iterator[tuple[Replica, Replica]]:
-    def start() -> Replica:
-        return Replica(
+) -> Iterator[tuple[processes.Drained, processes.Drained]]:
+    def start() -> processes.Drained:
+        return processes.Drained(
             processes.start_operator(
                 control_plane.admin_kubeconfig,
                 namespace,
@@ -80,9 +44,11 @@ def replicas(
     first = start()
     started = [first]
     try:
-        _until("the first replica to lead", lambda: _holder(kube, namespace) != "")
+        objects.wait_for("the first replica to lead", lambda: _holder(kube, namespace) != "")
         started.append(start())
-        _until("the second replica to wait", lambda: "waits for Lease" in started[1].log())
+        objects.wait_for(
+            "the second replica to wait", lambda: "waits for Lease" in started[1].log()
+        )
         yield first, started[1]
     finally:
         for r in started:
@@ -103,7 +69,7 @@ def agents(control_plane: ControlPlane, kube: Any, namespace: str, tmp_path: Any
 
 
 def test_only_the_leader_acts_and_the_follower_takes_over_when_it_stops(
-    kube: Any, namespace: str, agents: None, replicas: tuple[Replica, Replica]
+    kube: Any, namespace: str, agents: None, replicas: tuple[processes.Drained, processes.Drained]
 ) -> None:
     leader, follower = replicas
     for vm in ("vm1", "vm2"):

@@ -41,6 +41,16 @@ def _devices(endpoint: str) -> list[pb.Device]:
         return list(stub.ListDevices(pb.ListDevicesRequest(), timeout=10).devices)
 
 
+def _as_if_it_never_happened(
+    kube: Any, namespace: str, agents: list[processes.AgentProcess]
+) -> None:
+    """Both devices RUNNING with no session, no claim left."""
+    src, dst = (_devices(a.endpoint)[0] for a in agents)
+    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
+    assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
+    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+
+
 def test_a_migration_that_cannot_converge_is_aborted_and_rolled_back(
     kube: Any,
     namespace: str,
@@ -64,10 +74,7 @@ def test_a_migration_that_cannot_converge_is_aborted_and_rolled_back(
     assert [t["phase"] for t in st["phaseTransitions"]] == [
         "Validating", "PreparingTarget", "PreCopy", "Failed",
     ]  # fmt: skip
-    src, dst = (_devices(a.endpoint)[0] for a in agents)
-    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
-    assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
-    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+    _as_if_it_never_happened(kube, namespace, agents)
 
 
 def test_a_target_agent_that_dies_mid_pre_copy_rolls_back_without_waiting_for_it(
@@ -140,7 +147,4 @@ def test_cancelling_during_pre_copy_aborts_with_the_source_running(
     assert st["phase"] == "Aborted", st
     aborted = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert aborted["reason"] == "Cancelled", aborted
-    src, dst = (_devices(a.endpoint)[0] for a in agents)
-    assert src.state == pb.VFIO_DEVICE_STATE_RUNNING and not src.session_id
-    assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
-    assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+    _as_if_it_never_happened(kube, namespace, agents)

@@ -15,18 +15,7 @@ def test_the_stand_in_walks_kubevirts_phases_and_moves_the_vmi_at_the_end(
 ) -> None:
     objects.create_vmi(kube, namespace, "vm", "node-a")
     co = client.CustomObjectsApi(kube)
-    co.create_namespaced_custom_object(
-        "kubevirt.io",
-        "v1",
-        namespace,
-        "virtualmachineinstancemigrations",
-        {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstanceMigration",
-            "metadata": {"name": "mig"},
-            "spec": {"vmiName": "vm"},
-        },
-    )
+    objects.create_vmim(kube, namespace, "mig", "vm")
     vc = VirtController(kube, target_node="node-b")
     seen = [vc.advance(namespace, "mig") for _ in PHASES]
     assert seen == PHASES

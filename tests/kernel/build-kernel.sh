@@ -34,7 +34,7 @@ opts=(
   # IRQ eventfds (VFIO_DEVICE_SET_IRQS) and the simulated device's
   # re-evaluate hint
   EVENTFD
-  # The two-node test (tests/e2e-kernel) runs Python and the agent in the
+  # The two-node test (tests/twonode) runs Python and the agent in the
   # guest: SMP needs ACPI under SeaBIOS; the userland needs epoll, signalfd,
   # timerfd, inotify, AIO and friends; the root filesystem is an erofs image
   # on virtio-blk (erofs sits under MISC_FILESYSTEMS); the guests talk over
@@ -49,21 +49,8 @@ opts=(
 off=(KERNEL_BZIP2 KERNEL_LZMA KERNEL_XZ KERNEL_LZO KERNEL_LZ4 KERNEL_ZSTD)
 
 # 1. Packages ---------------------------------------------------------------
-pkgs=(linux-source-6.12 gcc make bc bison flex libelf-dev libssl-dev cpio xz-utils perl)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "${DEVMIG_NO_INSTALL:-0}" = 1 ]; then
-    log "missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})"
-    exit 3
-  fi
-  log "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+. "$(dirname "$0")/../lib/ensure-debs.sh"
+ensure_debs linux-source-6.12 gcc make bc bison flex libelf-dev libssl-dev cpio xz-utils perl
 
 ver=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 tarball=/usr/src/linux-source-6.12.tar.xz

@@ -31,20 +31,8 @@ suite=bookworm
 include=python3,python3-venv,busybox,iproute2,ca-certificates
 
 # 1. Packages ---------------------------------------------------------------
-missing=()
-for p in debootstrap erofs-utils; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "${DEVMIG_NO_INSTALL:-0}" = 1 ]; then
-    log "missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})"
-    exit 3
-  fi
-  log "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+. "$(dirname "$0")/../lib/ensure-debs.sh"
+ensure_debs debootstrap erofs-utils
 [ "$(id -u)" -eq 0 ] || { log "debootstrap needs root"; exit 3; }
 
 mkdir -p "$cache"

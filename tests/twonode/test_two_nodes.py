@@ -18,8 +18,7 @@ import pathlib
 import re
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -103,14 +102,6 @@ class Cluster:
 
     def mtty(self, g: qemu_nodes.Guest) -> pb.Device:
         return next(d for d in self.devices(g) if d.id == g.mdev_uuid)
-
-    def wait(self, what: str, check: Callable[[], bool], timeout_s: float = 120) -> None:
-        until = time.monotonic() + timeout_s
-        while time.monotonic() < until:
-            if check():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}")
 
     def start(self, name: str = "move") -> None:
         objects.create_vmi(self.kube, self.namespace, "vm", "node-a", devices=[self.a.mdev_uuid])
@@ -255,7 +246,7 @@ def _held_in_pre_copy(cluster: Cluster) -> None:
     cluster.a.call("uart_write", port=0, data=BEFORE.hex())
     cluster.a.call("at_precopy", hold=True)
     cluster.start()
-    cluster.wait("node-a's VMM to hold PRE_COPY", lambda: cluster.a.call("vmm")["holding"])
+    objects.wait_for("node-a's VMM to hold PRE_COPY", lambda: cluster.a.call("vmm")["holding"])
 
 
 def _rolled_back(cluster: Cluster, st: dict[str, Any]) -> None:
@@ -294,7 +285,7 @@ def test_a_restarted_node_a_agent_takes_its_device_back_from_the_vmm(cluster: Cl
     a.call("agent_kill")
     a.call("release")  # the VMM sees its agent gone and redials
     a.call("agent_start")
-    cluster.wait(
+    objects.wait_for(
         "node-a's VMM to hand its fd back",
         lambda: a.call("vmm")["events"][-1].startswith("registered fd=kept"),
     )

@@ -37,18 +37,8 @@ if [ -f "$out/done" ]; then
 fi
 
 headers="linux-headers-$abi"
-need=()
-dpkg-query -W -f='${Status}' "$headers" 2>/dev/null | grep -q "install ok installed" || need+=("$headers")
-command -v xz >/dev/null || need+=(xz-utils)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "${DEVMIG_NO_INSTALL:-0}" = 1 ]; then
-    log "missing: ${need[*]} (apt-get install ${need[*]})"
-    exit 3
-  fi
-  log "installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
-fi
+. "$(dirname "$0")/../../lib/ensure-debs.sh"
+ensure_debs "$headers" xz-utils
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

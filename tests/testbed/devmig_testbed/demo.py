@@ -79,8 +79,8 @@ class MemoryMigration:
 
 
 def check(src: VmmStandIn, dst: VmmStandIn, mem: MemoryMigration) -> list[str]:
-    """The end-to-end checks the summary reports, as (label, text) lines;
-    raises AssertionError naming what differs."""
+    """The summary's end-to-end lines (missed traps, guest memory, device
+    state); raises AssertionError with the line that shows a difference."""
     s, d = src.sim_info(), dst.sim_info()
     guest = b"".join(
         src.guest(off, min(GUEST_CHUNK, len(src.memory) - off))

@@ -211,6 +211,36 @@ def eventually(fn: Callable[[], Any], timeout_s: float = 15, what: str = "") -> 
         time.sleep(0.05)
 
 
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Poll ``check`` every 0.2 s until it is true; AssertionError naming
+    ``what`` after ``timeout_s``. For state only a process can tell (a log
+    line, a guest's view), where no watch exists."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def create_vmim(api: Any, namespace: str, name: str, vmi: str) -> dict[str, Any]:
+    """A VirtualMachineInstanceMigration of ``vmi``, as ``virtctl migrate``
+    creates it (the test stand-in for virt-controller moves its phases)."""
+    obj = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "kubevirt.io",
+        "v1",
+        namespace,
+        "virtualmachineinstancemigrations",
+        {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": name},
+            "spec": {"vmiName": vmi},
+        },
+    )
+    assert isinstance(obj, dict)
+    return obj
+
+
 FINAL_PHASES = ("Succeeded", "Failed", "Aborted")
 
 

@@ -3,6 +3,7 @@ simulated devices and the operator, against a control plane."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -10,10 +11,45 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from kubernetes import client, watch
+
+
+class Drained:
+    """A child process whose output (stdout, with stderr merged into it) a
+    thread reads as it comes, so a full pipe never stalls the child; the
+    last lines are kept for logs and assertions."""
+
+    def __init__(self, p: subprocess.Popen[str], keep_lines: int = 5000) -> None:
+        self.p = p
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def rss(self) -> int:
+        """Resident memory now, bytes (0 once gone)."""
+        with open(f"/proc/{self.p.pid}/status") as f:
+            m = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) * 1024 if m else 0
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        self.p.terminate()
+        try:
+            self.p.wait(30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
 
 
 @dataclasses.dataclass
