@@ -10,8 +10,10 @@
  * a 32-byte header, one 4112-byte record per page sent (16-byte record
  * header with the page's digest + the page), and a 16-byte end record with
  * a digest over every page's digest in page order (the memory as it
- * stopped), which RESUMING -> STOP checks, with each record's own digest,
- * before it installs the memory. */
+ * stopped). A resuming device checks each record against its digest and
+ * installs it as it is written (as drivers that load incrementally do);
+ * RESUMING -> STOP checks the end record, that every page arrived and that
+ * no record was bad, or fails into ERROR, whose reset clears the memory. */
 #ifndef DEVMIG_SIM_H
 #define DEVMIG_SIM_H
 

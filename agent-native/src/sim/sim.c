@@ -61,6 +61,22 @@ struct sim {
 	uint64_t dirty_frac;  /* workload: fraction of a page owed, in 1/MiB units */
 	bool hdr_checked;     /* resuming: the header was checked */
 
+	/* Resuming: the stream is parsed and installed as it is written, as
+	 * drivers that load incrementally do (mlx5), so RESUMING -> STOP only
+	 * checks the end record instead of loading the whole image inside the
+	 * stop-and-copy window. Bad records are remembered, not installed, and
+	 * refused at RESUMING -> STOP; the device then goes to ERROR, and its
+	 * reset clears the memory, so no partial load ever runs. page_dg holds
+	 * the digest of each page's last record (saving uses it the same way). */
+	uint64_t rx_off;          /* bytes accepted */
+	uint8_t rx_part[REC_LEN]; /* a record (or the header) split across writes */
+	size_t rx_have;           /* bytes of it held */
+	uint8_t *rx_seen;         /* one byte per page: a record arrived */
+	uint64_t rx_nseen;        /* pages with a record */
+	bool rx_ended;            /* the end record arrived */
+	uint64_t rx_end_dg;       /* its digest */
+	int rx_err;               /* first bad record: -EIO at RESUMING -> STOP */
+
 	bool arc_fault;
 	uint32_t fault_from, fault_to;
 	int fault_err;
@@ -274,6 +290,8 @@ static void end_session(struct sim *s)
 	close(s->sess_fd);
 	s->sess_fd = -1;
 	s->sess = SESS_NONE;
+	free(s->rx_seen);
+	s->rx_seen = NULL;
 }
 
 /* A new session: a fresh memfd, the device's reference kept, a duplicate
@@ -299,15 +317,21 @@ static int open_session(struct sim *s, enum sess kind, int *user_fd)
 	s->read_seen = 0;
 	s->dirty_frac = 0;
 	s->hdr_checked = false;
-	/* A resuming device sets its buffers up before the data arrives, as
-	 * drivers do when they enter RESUMING: reserve the whole state now
-	 * (pages allocated and zeroed here, outside the stop-and-copy window)
-	 * rather than one page at a time under the incoming stream. Only a
-	 * reservation (KEEP_SIZE): the stream's length stays what was
-	 * written. Failure is harmless; writes then allocate as they go. */
-	if (kind == SESS_RESUME &&
-	    fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)(HDR_LEN + s->npages * REC_LEN + END_LEN)) < 0) {
-		/* no reservation: shmem without fallocate support */
+	s->rx_off = 0;
+	s->rx_have = 0;
+	s->rx_nseen = 0;
+	s->rx_ended = false;
+	s->rx_err = 0;
+	if (kind == SESS_RESUME) {
+		/* Set up before the data arrives, as drivers do on entering
+		 * RESUMING: nothing of this is left to the stop-and-copy window. */
+		s->rx_seen = calloc(s->npages, 1);
+		if (!s->rx_seen) {
+			end_session(s);
+			close(*user_fd);
+			*user_fd = -1;
+			return -ENOMEM;
+		}
 	}
 	return 0;
 }
@@ -324,84 +348,111 @@ static int check_header(const uint8_t *h, uint64_t npages)
 	return magic == SIM_MAGIC && ver == SIM_VERSION && ps == PAGE && pages == npages ? 0 : -EFAULT;
 }
 
-/* RESUMING -> STOP: check everything written and install it, or refuse.
- * Short data is -EINVAL (as mtty); data that does not verify is -EIO.
- * All or nothing without a second copy of the state: the stream is mapped,
- * not read; a first pass checks every record against its page digest and
- * notes the last record of each page; the end digest is then checked over
- * those records' page digests in order, and only when everything matches
- * are the pages copied into the device. */
-static int load(struct sim *s)
+/* One complete page record from the stream: check it against its digest
+ * and install it, or remember that the stream is bad. */
+static void rx_page(struct sim *s, const uint8_t *rec)
 {
-	struct stat stt;
-	uint8_t *buf = MAP_FAILED;
-	uint64_t *last = NULL, *last_dg = NULL;
-	uint64_t len, off, dg, h;
-	int r = -EINVAL;
+	uint32_t idx;
+	uint64_t h;
 
-	if (fstat(s->sess_fd, &stt) < 0)
-		return -errno;
-	len = (uint64_t)stt.st_size;
-	if (len < HDR_LEN + END_LEN)
-		return -EINVAL;
-	buf = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, s->sess_fd, 0);
-	last = calloc(s->npages, sizeof(*last)); /* offset of each page's last record; 0: none */
-	last_dg = calloc(s->npages, sizeof(*last_dg)); /* that record's page digest */
-	if (buf == MAP_FAILED || !last || !last_dg) {
-		r = buf == MAP_FAILED ? -errno : -ENOMEM;
-		goto out;
+	memcpy(&idx, rec + 4, 4);
+	memcpy(&h, rec + 8, 8);
+	if (idx >= s->npages || sim_digest(rec + REC_HDR_LEN, PAGE, DIGEST_BASIS) != h) {
+		s->rx_err = -EIO;
+		return;
 	}
-	if (check_header(buf, s->npages) < 0) {
-		r = -EIO;
-		goto out;
+	memcpy(s->mem + (uint64_t)idx * PAGE, rec + REC_HDR_LEN, PAGE);
+	s->page_dg[idx] = h;
+	if (!s->rx_seen[idx]) {
+		s->rx_seen[idx] = 1;
+		s->rx_nseen++;
 	}
-	for (off = HDR_LEN;;) {
-		uint32_t tag, idx;
+}
 
-		if (len - off < 4)
-			goto out; /* short: -EINVAL */
-		memcpy(&tag, buf + off, 4);
-		if (tag == TAG_END) {
-			if (len - off < END_LEN)
-				goto out;
-			memcpy(&dg, buf + off + 8, 8);
-			off += END_LEN;
+/* How many bytes the record being assembled needs: the header, a tag, a
+ * page record or the end record; 0 for an unknown tag. */
+static size_t rx_need(const struct sim *s)
+{
+	uint32_t tag;
+
+	if (!s->hdr_checked)
+		return HDR_LEN;
+	if (s->rx_have < 4)
+		return 4;
+	memcpy(&tag, s->rx_part, 4);
+	return tag == TAG_PAGE ? REC_LEN : tag == TAG_END ? END_LEN : 0;
+}
+
+/* Parse what userspace wrote. Whole page records straight from its buffer
+ * (the common case: the pump writes large aligned chunks), anything split
+ * across writes through rx_part. Returns -EFAULT for a bad header (as mtty
+ * does, on the write that completes it); every other fault is kept for
+ * RESUMING -> STOP, where the kernel's drivers report it. */
+static int rx_feed(struct sim *s, const uint8_t *p, size_t len)
+{
+	uint32_t tag;
+
+	while (len && !s->rx_err) {
+		size_t need, take;
+
+		if (s->rx_ended) {
+			s->rx_err = -EIO; /* bytes after the end record */
 			break;
 		}
-		if (tag != TAG_PAGE) {
-			r = -EIO;
-			goto out;
+		if (s->hdr_checked && s->rx_have == 0 && len >= REC_LEN) {
+			memcpy(&tag, p, 4);
+			if (tag == TAG_PAGE) {
+				rx_page(s, p);
+				p += REC_LEN;
+				len -= REC_LEN;
+				continue;
+			}
 		}
-		if (len - off < REC_LEN)
-			goto out;
-		memcpy(&idx, buf + off + 4, 4);
-		memcpy(&h, buf + off + 8, 8);
-		if (idx >= s->npages || sim_digest(buf + off + REC_HDR_LEN, PAGE, DIGEST_BASIS) != h) {
-			r = -EIO;
-			goto out;
+		need = rx_need(s);
+		if (!need) {
+			s->rx_err = -EIO;
+			break;
 		}
-		last[idx] = off + REC_HDR_LEN;
-		last_dg[idx] = h;
-		off += REC_LEN;
+		take = need - s->rx_have < len ? need - s->rx_have : len;
+		memcpy(s->rx_part + s->rx_have, p, take);
+		s->rx_have += take;
+		p += take;
+		len -= take;
+		if (s->rx_have < need || (s->hdr_checked && need == 4))
+			continue;
+		if (!s->hdr_checked) {
+			s->hdr_checked = true;
+			if (check_header(s->rx_part, s->npages) < 0) {
+				s->rx_err = -EIO; /* nothing after it is parsed */
+				return -EFAULT;
+			}
+		} else if (need == REC_LEN) {
+			rx_page(s, s->rx_part);
+		} else {
+			memcpy(&s->rx_end_dg, s->rx_part + 8, 8);
+			s->rx_ended = true;
+		}
+		s->rx_have = 0;
 	}
-	r = -EIO;
-	if (off != len)
-		goto out;
-	for (uint64_t p = 0; p < s->npages; p++)
-		if (!last[p])
-			goto out; /* a page never sent */
-	if (sim_digest(last_dg, s->npages * sizeof(*last_dg), DIGEST_BASIS) != dg)
-		goto out;
-	for (uint64_t p = 0; p < s->npages; p++)
-		memcpy(s->mem + p * PAGE, buf + last[p], PAGE);
+	return 0;
+}
+
+/* RESUMING -> STOP: the pages were checked and installed as they arrived;
+ * what is left is the stream's end. Short data is -EINVAL (as mtty); data
+ * that does not verify is -EIO: a bad record, bytes after the end record,
+ * a page never sent, or an end digest (over each page's last record's
+ * digest, in page order) that does not match. */
+static int load(struct sim *s)
+{
+	if (s->rx_err)
+		return s->rx_err;
+	if (!s->rx_ended)
+		return -EINVAL;
+	if (s->rx_nseen != s->npages ||
+	    sim_digest(s->page_dg, s->npages * sizeof(*s->page_dg), DIGEST_BASIS) != s->rx_end_dg)
+		return -EIO;
 	s->st.loads++;
-	r = 0;
-out:
-	if (buf != MAP_FAILED)
-		munmap(buf, len);
-	free(last);
-	free(last_dg);
-	return r;
+	return 0;
 }
 
 /* One arc, as a driver implements it. */
@@ -590,30 +641,23 @@ static ssize_t sim_data_write(struct devmig_dev *d, int data_fd, const void *buf
 {
 	struct sim *s = d->priv;
 	uint64_t off;
-	ssize_t n;
+	int r;
 
 	if (!is_session_fd(s, data_fd))
 		return -ENODEV;
 	if (s->sess != SESS_RESUME)
 		return -EINVAL;
-	off = reader_offset(s);
+	off = s->rx_off;
 	if (s->write_fault && off + len > s->write_fault_at) {
 		if (off >= s->write_fault_at)
 			return -s->write_fault_err;
 		len = (size_t)(s->write_fault_at - off); /* accept what comes before */
 	}
-	n = write(data_fd, buf, len);
-	if (n < 0)
-		return -errno;
-	/* Like mtty, check the header as soon as it is complete. */
-	if (!s->hdr_checked && off + (uint64_t)n >= HDR_LEN) {
-		uint8_t h[HDR_LEN];
-
-		s->hdr_checked = true;
-		if (pread(s->sess_fd, h, HDR_LEN, 0) != HDR_LEN || check_header(h, s->npages) < 0)
-			return -EFAULT;
-	}
-	return n;
+	r = rx_feed(s, buf, len);
+	if (r < 0)
+		return r;
+	s->rx_off += len;
+	return (ssize_t)len;
 }
 
 static void sim_destroy(struct devmig_dev *d)
