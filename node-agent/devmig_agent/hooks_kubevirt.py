@@ -32,14 +32,14 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent import futures
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import grpc
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2  # type: ignore[import-untyped]
 
 from devmig_agent.podresources import Holder, normalize_pci_address
+from devmig_agent.uds_gate import PeerGate
 
 log = logging.getLogger(__name__)
 
@@ -314,23 +314,32 @@ def prepare_socket_path(path: str) -> None:
 
 
 def serve_node_hooks(
-    hooks: MigrationHooks, socket_path: str = DEFAULT_SOCKET, *, max_workers: int = MAX_WORKERS
-) -> grpc.Server:
-    """Start a gRPC server for the node hooks on ``socket_path``; the caller stops it.
+    hooks: MigrationHooks,
+    socket_path: str = DEFAULT_SOCKET,
+    *,
+    allowed_uids: Iterable[int] = (),
+    on_refused: Callable[[int, int], None] | None = None,
+    max_workers: int = MAX_WORKERS,
+) -> PeerGate:
+    """Serve the node hooks on ``socket_path``; the caller stops the gate.
 
-    The socket's existence is what tells KubeVirt the plugin is ready, so it
-    is created only once the server is about to serve.
+    Who may call: root (virt-handler runs as root) and ``allowed_uids``,
+    checked by the peer's kernel credentials on every connection (see
+    uds_gate); others get PERMISSION_DENIED with reason PeerNotAllowed. The
+    file mode is a first fence: 0600 (root only) unless other uids are
+    allowed, then 0666 and the credential check alone decides. The socket's
+    existence is what tells KubeVirt the plugin is ready, so it is created
+    only once the service is about to serve. ``on_refused(pid, uid)`` is
+    called for each refused caller.
     """
     prepare_socket_path(socket_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-    add_node_hook_service(server, hooks)
-    if server.add_insecure_port(f"unix://{socket_path}") == 0:
-        raise OSError(f"cannot listen on {socket_path}")
-    server.start()
-    # Who may call: gRPC in Python exposes no peer credentials for a Unix
-    # socket, so the socket's own permissions decide. Connecting needs write
-    # permission on it: 0600 leaves only its owner (root, as virt-handler
-    # runs). Until this chmod the socket has the umask's mode, which under
-    # the usual 022 already denies others write.
-    os.chmod(socket_path, 0o600)
-    return server
+    extra = frozenset(allowed_uids) - {0}
+    gate = PeerGate(
+        socket_path,
+        lambda server: add_node_hook_service(server, hooks),
+        extra,
+        max_workers=max_workers,
+        on_refused=on_refused,
+    )
+    gate.start(0o666 if extra else 0o600)
+    return gate

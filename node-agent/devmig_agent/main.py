@@ -276,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(env DEVMIG_HOOK_SOCKET; the chart's is {hooks_kubevirt.DEFAULT_SOCKET})",
     )
     p.add_argument(
+        "--hook-uid",
+        type=int,
+        action="append",
+        default=[],
+        help="a uid besides root that may call the node hooks (repeatable); virt-handler, "
+        "their caller, runs as root, so none is needed with KubeVirt",
+    )
+    p.add_argument(
         "--pod-resources-socket",
         default=os.environ.get("DEVMIG_POD_RESOURCES_SOCKET", podresources.DEFAULT_SOCKET),
         help="the kubelet's pod-resources socket, read when it exists "
@@ -489,7 +497,12 @@ def main(argv: list[str] | None = None) -> int:
                 sessions_, hooks_sessions.registry_devices(registry)
             )
         try:
-            hook_server = hooks_kubevirt.serve_node_hooks(hooks, a.hook_socket)
+            hook_server = hooks_kubevirt.serve_node_hooks(
+                hooks,
+                a.hook_socket,
+                allowed_uids=a.hook_uid,
+                on_refused=agent_metrics.peer_refused if agent_metrics is not None else None,
+            )
         except OSError as e:
             log.error("cannot serve KubeVirt node hooks on %s: %s", a.hook_socket, e)
             srv.stop(None)

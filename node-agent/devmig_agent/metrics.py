@@ -10,8 +10,9 @@ Every series carries ``node``: the chart's alert rules aggregate
   (counters): device-state payload bytes of this process's sessions.
 - ``devmig_agent_session_phase_seconds{role,phase}`` (histogram): how long
   sessions stayed in each phase.
-- ``devmig_agent_errors_total{reason}`` (counter): failed sessions and VMM
-  failures, by CamelCase reason.
+- ``devmig_agent_errors_total{reason}`` (counter): failed sessions, VMM
+  failures and callers refused by a Unix socket's credential check
+  (``PeerNotAllowed``), by CamelCase reason.
 
 ``prometheus-client`` is a dependency of the operator and in the shared
 image, but not of this package (adding it would change the workspace
@@ -71,6 +72,10 @@ class AgentMetrics:
 
     def error(self, reason: str) -> None:
         self._errors.labels(self.node, reason).inc()
+
+    def peer_refused(self, _pid: int, _uid: int) -> None:
+        """A Unix socket refused a caller by its credentials."""
+        self.error("PeerNotAllowed")
 
     def text(self) -> bytes:
         import prometheus_client as prom

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
 
-from devmig_agent import hooks_kubevirt
+from devmig_agent import hooks_kubevirt, uds_gate
 from devmig_agent.hooks_kubevirt import HookError, HookErrorKind, HookVmi
 from devmig_agent.podresources import Holder
 
@@ -370,3 +370,109 @@ def test_only_the_sockets_owner_may_connect(served: str) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(served)
     s.close()
+
+
+def connect_as(uid: int, path: str) -> socket.socket:
+    """A connection to ``path`` made by a child process running as ``uid``
+    and handed back over SCM_RIGHTS: the kernel keeps the child's
+    credentials on it (SO_PEERCRED is fixed at connect)."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            parent.close()
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                socket.send_fds(child, [b"x"], [s.fileno()])
+        finally:
+            os._exit(0)
+    child.close()
+    with parent:
+        _msg, fds, _flags, _addr = socket.recv_fds(parent, 1, 1)
+    os.waitpid(pid, 0)
+    assert fds, "the child could not connect"
+    return socket.socket(fileno=fds[0])
+
+
+def call_over(conn: socket.socket, sock_dir: str, hook_point: str) -> Any:
+    """One ExecuteNodeHook call carried by ``conn`` (gRPC in Python dials
+    its own connections, so a local socket is relayed onto this one)."""
+    local = tempfile.mktemp(prefix="relay-", suffix=".sock", dir=sock_dir)
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(local)
+    lst.listen(1)
+
+    def relay() -> None:
+        c, _ = lst.accept()
+        back = threading.Thread(target=uds_gate.pipe, args=(conn, c), daemon=True)
+        back.start()
+        uds_gate.pipe(c, conn)
+        back.join()
+        c.close()
+        conn.close()
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    try:
+        return call(local, hook_point, vmi_json())
+    finally:
+        lst.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_a_caller_neither_root_nor_allowed_is_refused_by_its_kernel_credentials(
+    sock_dir: str, hooks: RecordingHooks
+) -> None:
+    path = f"{sock_dir}/devmig.sock"
+    qemu, nobody = 107, 65534
+    gate = hooks_kubevirt.serve_node_hooks(hooks, path, allowed_uids=[qemu])
+    refused: list[tuple[int, int]] = []
+    gate._on_refused = lambda pid, uid: refused.append((pid, uid))
+    try:
+        # Another uid is allowed, so the file lets anyone connect and the
+        # credential check alone decides.
+        assert os.stat(path).st_mode & 0o777 == 0o666
+        os.chmod(sock_dir, 0o755)  # mkdtemp's 0700 would stop any non-root peer
+        with pytest.raises(grpc.RpcError) as ei:
+            call_over(connect_as(nobody, path), sock_dir, "PreMigrationSource")
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert ei.value.details().startswith("PeerNotAllowed: ")
+        assert "uid 0, 107 only" in ei.value.details()
+        assert hooks.calls == []
+        assert [uid for _pid, uid in refused] == [nobody]
+
+        call_over(connect_as(qemu, path), sock_dir, "PreMigrationSource")
+        assert [name for name, _ in hooks.calls] == ["pre_migration_source"]
+    finally:
+        gate.stop(grace=None).wait()
+    assert not os.path.exists(path)
+
+
+def test_only_root_may_open_the_socket_when_no_other_uid_is_allowed(
+    served: str, hooks: RecordingHooks
+) -> None:
+    assert os.stat(served).st_mode & 0o777 == 0o600
+    call(served, "PreMigrationSource", vmi_json())  # root (or the owner) is served
+    assert len(hooks.calls) == 1
+
+
+def test_the_gate_closes_connections_past_its_bound_and_keeps_serving(
+    served: str, hooks: RecordingHooks
+) -> None:
+    # Idle connections held open by a local process: the gate relays at
+    # most MAX_CONNECTIONS at once and closes the rest at accept.
+    held = []
+    for _ in range(uds_gate.MAX_CONNECTIONS):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(served)
+        held.append(s)
+    extra = socket.socket(socket.AF_UNIX)
+    extra.connect(served)
+    extra.settimeout(10)
+    assert extra.recv(1) == b""  # closed by the gate
+    extra.close()
+    for s in held:
+        s.close()
+    call(served, "PreMigrationSource", vmi_json())
+    assert len(hooks.calls) == 1

@@ -1,6 +1,17 @@
 """StopAndCopy: with the VMM paused, every source device goes through
 RUNNING_P2P (when several take part) to STOP_COPY and streams the rest; the
-step ends when every target has received and verified its stream."""
+step ends when every target has received and verified its stream, and has
+been asked to resume.
+
+Why resume here rather than in the Resuming step: the devices are stopped
+on both nodes now, so every API write between "verified" and "RUNNING" adds
+to the downtime, and the phase transition is one (a status patch, a few ms).
+Resume is idempotent and the commit point is still the Resuming step's
+status write, before which the target's VMM never resumes: an operator that
+stops after this Resume and before the transition is written starts this
+step again, finds the targets past TRANSFERRED, and the Resuming step asks
+again, as it would after stopping inside that step.
+"""
 
 from __future__ import annotations
 
@@ -77,14 +88,19 @@ def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Resu
                 )
             if s.phase in (agent_pb2.SESSION_PHASE_FAILED, agent_pb2.SESSION_PHASE_ABORTED):
                 return Failed(Reason.AGENT_ERROR, f"target session failed: {s.reason}: {s.message}")
+            devices[i]["bytesReceived"] = int(s.progress.bytes_received)
+        for i, ref in enumerate(refs):
+            s = agentsmod.call(dst.stub.Resume, agent_pb2.ResumeRequest(session=ref)).status
+            devices[i]["targetState"] = state_name(s.device_state)
+        for i, ref in enumerate(refs):
             src_status = agentsmod.call(
                 src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)
             ).status
             devices[i] = device_progress(devices[i], src_status)
-            devices[i]["targetState"] = state_name(s.device_state)
-            devices[i]["bytesReceived"] = int(s.progress.bytes_received)
     except agentsmod.AgentUnavailable as e:
         return Wait(RETRY_S, Reason.AGENT_UNAVAILABLE, str(e))
     except agentsmod.AgentRefused as e:
         return Failed(Reason.AGENT_ERROR, str(e))
-    return Done(Phase.RESUMING, {"devices": devices}, "device state received and verified")
+    return Done(
+        Phase.RESUMING, {"devices": devices}, "device state received and verified; targets resumed"
+    )
