@@ -29,6 +29,20 @@ def downtime_ms(src: list[Any], dst: list[Any]) -> int | None:
     return max(0, int(max(running) - min(stopped)) // 1_000_000)
 
 
+def commit_patch(
+    devices: list[dict[str, Any]], src_st: list[Any], dst_st: list[Any]
+) -> dict[str, Any]:
+    """The status that records the commit point: the target devices run."""
+    for d, s in zip(devices, dst_st, strict=True):
+        d["targetState"] = state_name(s.device_state)
+    patch: dict[str, Any] = {"committed": True, "devices": devices}
+    ms = downtime_ms(src_st, dst_st)
+    if ms is not None:
+        patch["downtimeMs"] = ms
+        patch["downtime"] = f"{ms}ms"
+    return patch
+
+
 def finished(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
     st = ctx.status
     devices = [dict(d) for d in st.get("devices") or []]
@@ -45,13 +59,7 @@ def finished(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
                 agentsmod.call(src.stub.GetSession, agent_pb2.GetSessionRequest(session=r)).status
                 for r in refs
             ]
-            for d, s in zip(devices, dst_st, strict=True):
-                d["targetState"] = state_name(s.device_state)
-            patch: dict[str, Any] = {"committed": True, "devices": devices}
-            ms = downtime_ms(src_st, dst_st)
-            if ms is not None:
-                patch["downtimeMs"] = ms
-                patch["downtime"] = f"{ms}ms"
+            patch = commit_patch(devices, src_st, dst_st)
             # The commit point: written before the VMM may resume on the
             # target. Returned as Wait(0) so the driver records it first.
             return Wait(0.0, Reason.RESUMING, "target devices RUNNING: committed", patch)
