@@ -107,10 +107,17 @@ def _baseline(nbytes: int) -> tuple[float, float]:
         os.close(mfd)
 
 
-def _receiver(dst: SimDevice, sock: socket.socket, out: dict[str, object]) -> threading.Thread:
+# The stream key the agents use (any 32 bytes: the figure is the MAC's
+# cost, not the key's).
+KEY = bytes(range(32))
+
+
+def _receiver(
+    dst: SimDevice, sock: socket.socket, out: dict[str, object], key: bytes | None
+) -> threading.Thread:
     def run() -> None:
         try:
-            dst.receive_stream(sock.fileno())
+            dst.receive_stream(sock.fileno(), None, key)
             out["ok"] = True
         except Exception as e:  # reported by the caller
             out["error"] = e
@@ -120,8 +127,9 @@ def _receiver(dst: SimDevice, sock: socket.socket, out: dict[str, object]) -> th
     return t
 
 
-def _pump(mem: int, pre_copy: bool) -> tuple[int, float, float]:
-    """(payload bytes, timed seconds, CPU s) for one verified migration."""
+def _pump(mem: int, pre_copy: bool, key: bytes | None = KEY) -> tuple[int, float, float]:
+    """(payload bytes, timed seconds, CPU s) for one verified migration;
+    keyed as between agents, or with ``key`` None the SHA-256 trailer."""
     src = SimDevice(
         mem_size=mem, dirty_pages_per_mib=16 if pre_copy else 0, seed=1, driver="devmig-sim"
     )
@@ -132,10 +140,10 @@ def _pump(mem: int, pre_copy: bool) -> tuple[int, float, float]:
     got: dict[str, object] = {}
     dst.set_state(MigState.RESUMING, MigState.RUNNING)
     src.set_state(MigState.PRE_COPY if pre_copy else MigState.STOP_COPY, MigState.RUNNING)
-    t = _receiver(dst, b, got)
+    t = _receiver(dst, b, got, key)
     stop_s = stop_cpu = 0.0
     c0, t0 = _cpu(), time.perf_counter()
-    p = Pump(src, a.fileno(), round_interval_ms=1)
+    p = Pump(src, a.fileno(), round_interval_ms=1, mac_key=key)
     if pre_copy:
         while p.progress().rounds < 3 and not p.wait(0.001):
             pass
@@ -198,6 +206,8 @@ def main() -> None:
     figs = [
         _figure("pump_stop_copy_loopback", lambda: _pump(mem, False), args.repeat),
         _figure("pump_pre_copy_loopback", lambda: _pump(mem, True), args.repeat),
+        # For reference, no goal: the unkeyed SHA-256 trailer (files).
+        _figure("pump_stop_copy_loopback_sha256", lambda: _pump(mem, False, None), args.repeat),
     ]
     for f in figs:
         print(json.dumps(f))

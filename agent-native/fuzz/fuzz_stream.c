@@ -49,7 +49,7 @@ static void repair(uint8_t *s, size_t n, unsigned how)
 	if (n < HDR)
 		return;
 	if (how & 1)
-		wr32(s + 60, devmig_crc32c(0, s, 60));
+		wr32(s + HDR - 4, devmig_crc32c(0, s, HDR - 4));
 	devmig_sha256_init(&sha);
 	while (o + FH <= n) {
 		uint32_t type = rd32(s + o), len = rd32(s + o + 4);

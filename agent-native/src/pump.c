@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +36,8 @@ struct devmig_pump {
 	long result;
 	struct devmig_pump_progress prog;
 	struct devmig_stream_enc enc;
+	bool keyed;
+	uint8_t key[DEVMIG_STREAM_KEY_LEN];
 	uint8_t *buf;
 	/* rate windows */
 	int64_t win_start, bw_start;
@@ -203,7 +206,8 @@ static long run(struct devmig_pump *p)
 
 	if (devmig_data_size(p->d, &expected) < 0)
 		expected = 0; /* unknown: devices without MIG_DATA_SIZE */
-	r = devmig_stream_enc_begin(&p->enc, &p->d->desc, expected, devmig_fd_write_all, &p->fd);
+	r = devmig_stream_enc_begin_keyed(&p->enc, &p->d->desc, expected, p->keyed ? p->key : NULL,
+					  devmig_fd_write_all, &p->fd);
 	if (r < 0)
 		return r;
 	/* Pre-copy rounds until asked to stop-and-copy. */
@@ -281,6 +285,12 @@ static void *thread_main(void *arg)
 int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 		      uint32_t round_interval_ms, struct devmig_pump **out)
 {
+	return devmig_pump_start_keyed(d, out_fd, bandwidth_bps, round_interval_ms, NULL, out);
+}
+
+int devmig_pump_start_keyed(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+			    uint32_t round_interval_ms, const uint8_t *key, struct devmig_pump **out)
+{
 	struct devmig_pump *p;
 	pthread_condattr_t ca;
 	int r;
@@ -299,6 +309,10 @@ int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 	}
 	p->d = d;
 	p->fd = out_fd;
+	if (key) {
+		p->keyed = true;
+		memcpy(p->key, key, sizeof(p->key));
+	}
 	p->bw = bandwidth_bps;
 	p->interval_ms = round_interval_ms;
 	p->prog.state = d->state;
@@ -428,6 +442,7 @@ void devmig_pump_free(struct devmig_pump *p)
 	pthread_mutex_destroy(&p->mu);
 	pthread_cond_destroy(&p->cv);
 	pthread_cond_destroy(&p->done_cv);
+	memset(p->key, 0, sizeof(p->key));
 	free(p->buf);
 	free(p);
 }

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "devmig/stream.h"
@@ -218,7 +219,10 @@ void devmig_sha256_init(struct devmig_sha256 *s)
 	devmig_sha256_init_impl(s, DEVMIG_IMPL_AUTO);
 }
 
-const char *devmig_crypto_impls(void)
+static char impls[96];
+static pthread_once_t impls_once = PTHREAD_ONCE_INIT;
+
+static void build_impls(void)
 {
 	bool crc_hw = devmig_crc32c_impl(DEVMIG_IMPL_X86) != NULL;
 	bool sha_hw = false;
@@ -227,9 +231,15 @@ const char *devmig_crypto_impls(void)
 #ifdef HAVE_X86
 	sha_hw = best == blocks_shani;
 #endif
-	if (crc_hw)
-		return sha_hw ? "crc32c=sse4.2 sha256=sha-ni" : "crc32c=sse4.2 sha256=portable";
-	return sha_hw ? "crc32c=slicing-by-8 sha256=sha-ni" : "crc32c=slicing-by-8 sha256=portable";
+	snprintf(impls, sizeof(impls), "crc32c=%s sha256=%s ghash=%s",
+		 crc_hw ? "sse4.2" : "slicing-by-8", sha_hw ? "sha-ni" : "portable",
+		 devmig_ghash_impl_name());
+}
+
+const char *devmig_crypto_impls(void)
+{
+	pthread_once(&impls_once, build_impls);
+	return impls;
 }
 
 void devmig_sha256_update(struct devmig_sha256 *s, const void *buf, size_t len)
@@ -279,4 +289,35 @@ void devmig_sha256_final(struct devmig_sha256 *s, uint8_t out[32])
 		out[4 * i + 2] = (uint8_t)(s->h[i] >> 8);
 		out[4 * i + 3] = (uint8_t)s->h[i];
 	}
+}
+
+/* RFC 2104 with SHA-256 (block 64 bytes): H((K ^ opad) || H((K ^ ipad) || m)),
+ * a key longer than the block hashed first. */
+void devmig_hmac_sha256(const uint8_t *key, size_t key_len, const void *msg, size_t len,
+			uint8_t out[32])
+{
+	uint8_t k[64] = { 0 }, pad[64], inner[32];
+	struct devmig_sha256 s;
+
+	if (key_len > 64) {
+		devmig_sha256_init(&s);
+		devmig_sha256_update(&s, key, key_len);
+		devmig_sha256_final(&s, k);
+	} else {
+		memcpy(k, key, key_len);
+	}
+	for (int i = 0; i < 64; i++)
+		pad[i] = k[i] ^ 0x36;
+	devmig_sha256_init(&s);
+	devmig_sha256_update(&s, pad, 64);
+	devmig_sha256_update(&s, msg, len);
+	devmig_sha256_final(&s, inner);
+	for (int i = 0; i < 64; i++)
+		pad[i] = k[i] ^ 0x5c;
+	devmig_sha256_init(&s);
+	devmig_sha256_update(&s, pad, 64);
+	devmig_sha256_update(&s, inner, 32);
+	devmig_sha256_final(&s, out);
+	memset(k, 0, sizeof(k));
+	memset(pad, 0, sizeof(pad));
 }

@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -45,8 +46,62 @@ static uint64_t get64(const uint8_t *p)
 
 /* Header layout: magic 0..8, version 8..10, header length 10..12,
  * vendor 12..14, device 14..16, driver 16..48, expected size 48..56,
- * reserved 56..60, CRC32C of bytes 0..60 at 60..64. */
-#define H_CRC 60
+ * digest 56..58, reserved 58..60, MAC nonce 60..76 (zero for SHA-256),
+ * reserved 76..92, CRC32C of bytes 0..92 at 92..96. */
+#define H_DIGEST 56
+#define H_NONCE 60
+#define H_CRC 92
+
+/* ---- the trailer's digest ---- */
+
+static void dg_sha(struct devmig_digest *g)
+{
+	g->kind = DEVMIG_DIGEST_SHA256;
+	devmig_sha256_init(&g->sha);
+}
+
+/* The MAC covers the header too (all of it, nonce and CRC included), so a
+ * header changed on the wire fails the stream even with its CRC fixed. */
+static int dg_mac(struct devmig_digest *g, const uint8_t *key, const uint8_t *hdr)
+{
+	int r = devmig_mac_init(&g->mac, key, hdr + H_NONCE);
+
+	if (r < 0)
+		return r;
+	g->kind = DEVMIG_DIGEST_MAC;
+	devmig_mac_update(&g->mac, hdr, DEVMIG_STREAM_HEADER_LEN);
+	return 0;
+}
+
+static void dg_update(struct devmig_digest *g, const void *buf, size_t len)
+{
+	if (g->kind == DEVMIG_DIGEST_MAC)
+		devmig_mac_update(&g->mac, buf, len);
+	else
+		devmig_sha256_update(&g->sha, buf, len);
+}
+
+/* The trailer's 32 digest bytes. */
+static void dg_final(struct devmig_digest *g, uint8_t out[32])
+{
+	if (g->kind == DEVMIG_DIGEST_MAC) {
+		memset(out, 0, 32);
+		devmig_mac_final(&g->mac, out);
+	} else {
+		devmig_sha256_final(&g->sha, out);
+	}
+}
+
+/* Equal or not, in time independent of where they differ: a MAC check
+ * must not tell an attacker how many of its bytes were right. */
+static bool equal_ct(const uint8_t *a, const uint8_t *b, size_t n)
+{
+	uint8_t d = 0;
+
+	for (size_t i = 0; i < n; i++)
+		d |= a[i] ^ b[i];
+	return d == 0;
+}
 
 int devmig_fd_write_all(void *ctx, const void *buf, size_t len)
 {
@@ -110,12 +165,19 @@ static int fd_writev_all(int fd, struct iovec *iov, int cnt)
 int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
 			    uint64_t expected_size, devmig_write_fn out, void *ctx)
 {
+	return devmig_stream_enc_begin_keyed(e, desc, expected_size, NULL, out, ctx);
+}
+
+int devmig_stream_enc_begin_keyed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+				  uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
+				  void *ctx)
+{
 	uint8_t h[DEVMIG_STREAM_HEADER_LEN] = { 0 };
+	int r;
 
 	memset(e, 0, sizeof(*e));
 	e->out = out;
 	e->ctx = ctx;
-	devmig_sha256_init(&e->sha);
 	memcpy(h, MAGIC, 8);
 	put16(h + 8, DEVMIG_STREAM_VERSION);
 	put16(h + 10, DEVMIG_STREAM_HEADER_LEN);
@@ -123,7 +185,19 @@ int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev
 	put16(h + 14, desc->device_id);
 	memcpy(h + 16, desc->driver, strnlen(desc->driver, sizeof(desc->driver) - 1));
 	put64(h + 48, expected_size);
+	put16(h + H_DIGEST, key ? DEVMIG_DIGEST_MAC : DEVMIG_DIGEST_SHA256);
+	/* A fresh nonce per stream: the MAC's one-time key must never serve
+	 * two streams (the same session may stream again after a failure). */
+	if (key && getrandom(h + H_NONCE, 16, 0) != 16)
+		return -EIO;
 	put32(h + H_CRC, devmig_crc32c(0, h, H_CRC));
+	if (key) {
+		r = dg_mac(&e->dg, key, h);
+		if (r < 0)
+			return r;
+	} else {
+		dg_sha(&e->dg);
+	}
 	return out(ctx, h, sizeof(h));
 }
 
@@ -166,7 +240,7 @@ int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t 
 
 		if (r < 0)
 			return r;
-		devmig_sha256_update(&e->sha, p, n);
+		dg_update(&e->dg, p, n);
 		e->total += n;
 		p += n;
 		len -= n;
@@ -181,7 +255,7 @@ int devmig_stream_enc_finish(struct devmig_stream_enc *e)
 	if (e->done)
 		return -EINVAL;
 	put64(t, e->total);
-	devmig_sha256_final(&e->sha, t + 8);
+	dg_final(&e->dg, t + 8);
 	e->done = 1;
 	return emit_frame(e, TYPE_TRAILER, t, sizeof(t));
 }
@@ -204,13 +278,21 @@ struct devmig_stream_dec {
 	uint64_t seq; /* the sequence number the next frame must carry */
 	uint8_t *payload; /* DEVMIG_STREAM_MAX_FRAME bytes */
 	uint64_t total;
-	struct devmig_sha256 sha;
+	struct devmig_digest dg;
+	bool keyed;
+	uint8_t key[DEVMIG_STREAM_KEY_LEN];
 	int err;
 	const char *why;
 };
 
 int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn fn, void *ctx,
 			  struct devmig_stream_dec **out)
+{
+	return devmig_stream_dec_new_keyed(want, NULL, fn, ctx, out);
+}
+
+int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_t *key,
+				devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out)
 {
 	struct devmig_stream_dec *d = calloc(1, sizeof(*d));
 
@@ -225,10 +307,13 @@ int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn 
 		d->check_dev = true;
 		d->want = *want;
 	}
+	if (key) {
+		d->keyed = true;
+		memcpy(d->key, key, sizeof(d->key));
+	}
 	d->fn = fn;
 	d->ctx = ctx;
 	d->why = "";
-	devmig_sha256_init(&d->sha);
 	*out = d;
 	return 0;
 }
@@ -237,6 +322,7 @@ void devmig_stream_dec_free(struct devmig_stream_dec *dec)
 {
 	if (!dec)
 		return;
+	memset(dec->key, 0, sizeof(dec->key));
 	free(dec->payload);
 	free(dec);
 }
@@ -255,10 +341,12 @@ static int header_done(struct devmig_stream_dec *d)
 
 	if (memcmp(h, MAGIC, 8) != 0)
 		return fail(d, -EPROTO, "not a devmig stream (bad magic)");
-	if (get32(h + H_CRC) != devmig_crc32c(0, h, H_CRC))
-		return fail(d, -EBADMSG, "header checksum mismatch");
+	/* The version before the checksum: another version's header may be
+	 * laid out (and checksummed) differently. */
 	if (get16(h + 8) != DEVMIG_STREAM_VERSION || get16(h + 10) != DEVMIG_STREAM_HEADER_LEN)
 		return fail(d, -EPROTONOSUPPORT, "unsupported stream format version");
+	if (get32(h + H_CRC) != devmig_crc32c(0, h, H_CRC))
+		return fail(d, -EBADMSG, "header checksum mismatch");
 	memset(&d->got, 0, sizeof(d->got));
 	d->got.vendor_id = get16(h + 12);
 	d->got.device_id = get16(h + 14);
@@ -269,6 +357,21 @@ static int header_done(struct devmig_stream_dec *d)
 	    (d->got.vendor_id != d->want.vendor_id || d->got.device_id != d->want.device_id ||
 	     strncmp(d->got.driver, d->want.driver, sizeof(d->got.driver)) != 0))
 		return fail(d, -EXDEV, "stream is from a different kind of device");
+	switch (get16(h + H_DIGEST)) {
+	case DEVMIG_DIGEST_MAC:
+		if (!d->keyed)
+			return fail(d, -EBADMSG, "a keyed (MAC) stream, and this receiver has no key");
+		if (dg_mac(&d->dg, d->key, h) < 0)
+			return fail(d, -EBADMSG, "cannot set up the stream MAC");
+		break;
+	case DEVMIG_DIGEST_SHA256:
+		if (d->keyed)
+			return fail(d, -EBADMSG, "an unkeyed (SHA-256) stream, and this receiver needs the MAC");
+		dg_sha(&d->dg);
+		break;
+	default:
+		return fail(d, -EBADMSG, "unknown stream digest");
+	}
 	d->st = D_FRAME_HDR;
 	d->have = 0;
 	return 0;
@@ -300,15 +403,17 @@ static int frame_done(struct devmig_stream_dec *d)
 		return fail(d, -EILSEQ, "frame out of sequence (reordered, replayed or lost)");
 	d->seq++;
 	if (d->type == TYPE_TRAILER) {
-		devmig_sha256_final(&d->sha, digest);
+		dg_final(&d->dg, digest);
 		if (get64(d->payload) != d->total)
 			return fail(d, -EBADMSG, "trailer length does not match the payload");
-		if (memcmp(d->payload + 8, digest, 32) != 0)
-			return fail(d, -EBADMSG, "trailer digest does not match the payload");
+		if (!equal_ct(d->payload + 8, digest, 32))
+			return fail(d, -EBADMSG, d->dg.kind == DEVMIG_DIGEST_MAC
+							 ? "trailer MAC does not match the payload (changed, or another key)"
+							 : "trailer digest does not match the payload");
 		d->st = D_DONE;
 		return 0;
 	}
-	devmig_sha256_update(&d->sha, d->payload, d->len);
+	dg_update(&d->dg, d->payload, d->len);
 	d->total += d->len;
 	if (d->fn && d->len) {
 		r = d->fn(d->ctx, d->payload, d->len);
@@ -480,6 +585,12 @@ int devmig_stream_load(struct devmig_dev *d, int in_fd)
 
 int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *received)
 {
+	return devmig_stream_load_keyed(d, in_fd, received, NULL);
+}
+
+int devmig_stream_load_keyed(struct devmig_dev *d, int in_fd, uint64_t *received,
+			     const uint8_t *key)
+{
 	struct load_sink ls = { .d = d, .received = received };
 	struct devmig_stream_dec *dec;
 	/* Reads go straight into the decoder's header or frame buffer, each
@@ -493,7 +604,7 @@ int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *receiv
 	buf = malloc(LOAD_TAIL);
 	if (!buf)
 		return -ENOMEM;
-	r = devmig_stream_dec_new(&d->desc, dev_sink, &ls, &dec);
+	r = devmig_stream_dec_new_keyed(&d->desc, key, dev_sink, &ls, &dec);
 	if (r < 0) {
 		free(buf);
 		return r;

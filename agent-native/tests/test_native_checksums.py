@@ -56,8 +56,11 @@ def test_the_cpu_s_own_implementations_are_used_when_it_has_them() -> None:
         devmig_native.crc32c(b"x", ChecksumImpl.X86)  # does not raise
     if "sha_ni" in flags and "sse4_2" in flags:
         assert "sha256=sha-ni" in impls
-    if not flags & {"sse4_2", "sha_ni"}:
-        assert impls == "crc32c=slicing-by-8 sha256=portable"
+    if "pclmulqdq" in flags and "sse4_2" in flags:
+        assert "ghash=pclmul" in impls
+        devmig_native.ghash(bytes(16), b"x", ChecksumImpl.X86)  # does not raise
+    if not flags & {"sse4_2", "sha_ni", "pclmulqdq"}:
+        assert impls == "crc32c=slicing-by-8 sha256=portable ghash=portable"
 
 
 def test_an_unknown_implementation_is_refused() -> None:
@@ -85,3 +88,41 @@ def test_each_implementation_matches_the_definitions(impl: ChecksumImpl) -> None
     big = memoryview(rng.randbytes(5 << 20))[3:]  # odd start and length
     assert devmig_native.sha256(big, impl) == hashlib.sha256(big).digest()
     assert devmig_native.crc32c(big, impl) == devmig_native.crc32c(big, ChecksumImpl.PORTABLE)
+
+
+def _aes_block(key: bytes, block: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return enc.update(block) + enc.finalize()
+
+
+@pytest.mark.parametrize("impl", [ChecksumImpl.PORTABLE, ChecksumImpl.X86])
+def test_ghash_is_the_ghash_inside_openssls_aes_gcm(impl: ChecksumImpl) -> None:
+    """AES-GCM's tag over additional data A with an empty plaintext is
+    GHASH_H(A, GCM's length block) xor E_K(J0), H = E_K(0^128): the stream's
+    MAC core must give exactly that, for every length around the block and
+    aggregation boundaries (8 blocks of 16 bytes)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if impl is ChecksumImpl.X86 and "pclmulqdq" not in _cpu_flags():
+        pytest.skip("this CPU has no carry-less multiplication (pclmulqdq)")
+    rng = random.Random(7)
+    for length in (0, 1, 15, 16, 17, 127, 128, 129, 255, 256, 1000, 65_537):
+        key, iv = rng.randbytes(32), rng.randbytes(12)
+        data = rng.randbytes(length)
+        h = _aes_block(key, bytes(16))
+        s = _aes_block(key, iv + b"\0\0\0\1")
+        tag = AESGCM(key).encrypt(iv, b"", data)
+        mine = devmig_native.ghash(h, data, impl)
+        assert bytes(a ^ b for a, b in zip(mine, s, strict=True)) == tag, length
+
+
+def test_hmac_sha256_matches_pythons() -> None:
+    import hmac
+
+    rng = random.Random(8)
+    for klen in (0, 32, 64, 65, 200):
+        key, msg = rng.randbytes(klen), rng.randbytes(rng.randrange(300))
+        want = hmac.new(key, msg, hashlib.sha256).digest()
+        assert devmig_native.hmac_sha256(key, msg) == want

@@ -3,6 +3,7 @@ stop-and-copy; the target's memory equals the source's at the stop."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 
@@ -18,10 +19,12 @@ def _pair(seed: int) -> tuple[SimDevice, SimDevice]:
     return src, dst
 
 
-def _receive(dst: SimDevice, sock: socket.socket, out: dict[str, object]) -> threading.Thread:
+def _receive(
+    dst: SimDevice, sock: socket.socket, out: dict[str, object], key: bytes | None = None
+) -> threading.Thread:
     def run() -> None:
         try:
-            dst.receive_stream(sock.fileno())
+            dst.receive_stream(sock.fileno(), None, key)
             out["ok"] = True
         except devmig_native.StreamError as e:
             out["error"] = e
@@ -96,3 +99,51 @@ def test_a_pump_needs_a_saving_device() -> None:
         Pump(src, a.fileno())
     assert e.value.errno == 22  # EINVAL: RUNNING has no data to pump
     assert src.get_state() is MigState.RUNNING  # the device lock was released
+
+
+@pytest.mark.parametrize(
+    ("send_key", "receive_key", "ok"),
+    [
+        (b"k" * 32, b"k" * 32, True),
+        (b"k" * 32, b"j" * 32, False),  # another session's key
+        (b"k" * 32, None, False),  # a keyed stream to a receiver without a key
+        (None, b"k" * 32, False),  # a SHA-256 stream to a receiver that needs the MAC
+    ],
+)
+def test_a_keyed_stream_loads_only_under_its_own_key(
+    send_key: bytes | None, receive_key: bytes | None, ok: bool
+) -> None:
+    src, dst = _pair(31)
+    a, b = socket.socketpair()
+    got: dict[str, object] = {}
+    dst.set_state(MigState.RESUMING, MigState.RUNNING)
+    t = _receive(dst, b, got, receive_key)
+    src.set_state(MigState.STOP_COPY, MigState.RUNNING)
+    p = Pump(src, a.fileno(), mac_key=send_key)
+    for _ in range(600):  # 30 s at most
+        if p.wait(0.05):
+            break
+        if not t.is_alive():
+            b.close()  # as the agent's sink does: a refusing target hangs up
+    assert p.wait(0)
+    a.close()  # the end of the stream, for a target still reading
+    t.join(30)
+    p.close()
+    if ok:
+        assert got.get("ok") is True, got
+        assert dst.stats().mem_digest == src.stats().mem_digest
+        return
+    err = got.get("error")
+    assert isinstance(err, devmig_native.StreamError), got
+    assert err.errno == errno.EBADMSG
+    # Refused, and reset: the target never holds the source's state.
+    assert dst.state is MigState.RUNNING and dst.stats().reset_calls >= 1
+    assert dst.stats().mem_digest != src.stats().mem_digest
+
+
+def test_a_key_of_the_wrong_length_is_refused_before_anything_starts() -> None:
+    src, _ = _pair(41)
+    src.set_state(MigState.STOP_COPY, MigState.RUNNING)
+    a, _b = socket.socketpair()
+    with pytest.raises(ValueError, match="mac_key: 32 bytes"):
+        Pump(src, a.fileno(), mac_key=b"short")

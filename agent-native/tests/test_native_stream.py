@@ -14,7 +14,7 @@ import pytest
 from devmig_native import DevmigError, LoadCounter, MigState, SimDevice, StreamError
 
 PAGE = 4096
-HEADER, FRAME_HDR = 64, 20
+HEADER, FRAME_HDR = 96, 20  # stream format 2
 
 
 def quiet(dev: SimDevice) -> SimDevice:

@@ -7,6 +7,12 @@ token; the target accepts a stream only for a session it prepared, with the
 right token, once. Then the bytes are devmig's own stream format
 (versioned header, sequence-numbered CRC32C frames, digest trailer), which
 the target's native sink verifies before the device may leave RESUMING.
+The trailer is the stream's keyed MAC (stream.h), keyed with a key both
+ends derive from the session's token (``stream_key``): with TLS the token
+is secret and the MAC proves the stream came from the session's source;
+without TLS the token crosses the wire in the hello, so the MAC then only
+does what a digest does (catches corruption), as this mode is for trusted
+networks.
 
 With TLS configured (the chart's certificates), the connection is mutual
 TLS. The native pump works on a plain fd, so a TLS connection is bridged
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import select
@@ -56,6 +64,15 @@ RELAY_DRAIN_S = 30.0
 RELAY_FLUSH = RELAY_CHUNK // 4
 
 Done = Callable[[Session, Exception | None], None]
+
+STREAM_KEY_LABEL = b"devmig stream key v1\0"
+
+
+def stream_key(session_id: str, token: str) -> bytes:
+    """The stream MAC's key for a session: HMAC-SHA-256 of the session id
+    under its token. Both agents hold the token (the operator gave it to
+    both); the session id binds the key to this session alone."""
+    return hmac.new(token.encode(), STREAM_KEY_LABEL + session_id.encode(), hashlib.sha256).digest()
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -160,8 +177,9 @@ def _plain_fd(conn: socket.socket, direction: str) -> tuple[int, list[Any]]:
 class _Sink:
     """Target side of one session: the native receiver on a thread."""
 
-    def __init__(self, session: Session, conn: socket.socket, done: Done) -> None:
+    def __init__(self, session: Session, conn: socket.socket, done: Done, key: bytes) -> None:
         self.session = session
+        self._key = key
         self.fd, self._keep = _plain_fd(conn, "receive")
         self._received = devmig_native.LoadCounter()
         self._cancelled = False
@@ -175,7 +193,7 @@ class _Sink:
         try:
             # Releases the GIL; verifies the whole stream before the device
             # leaves RESUMING, and resets it on any failure.
-            self.session.device.handle.receive_stream(self.fd, self._received)
+            self.session.device.handle.receive_stream(self.fd, self._received, self._key)
         except (devmig_native.DevmigError, OSError) as e:
             err = e
         finally:
@@ -258,7 +276,7 @@ class DataPath:
                 del self._pending[sid]  # one stream per session
             conn.sendall(b"OK\n")
             conn.settimeout(None)
-            sink = _Sink(s, conn, self._done)
+            sink = _Sink(s, conn, self._done, stream_key(sid, token))
             with self._lock:
                 self._active[sid] = sink
             s.transfer = sink
@@ -287,7 +305,13 @@ class DataPath:
             raise ConnectionRefusedError(reply.decode(errors="replace").strip())
         conn.settimeout(None)
         fd, keep = _plain_fd(conn, "send")
-        pump = devmig_native.Pump(session.device.handle, fd, bandwidth, ROUND_INTERVAL_MS)
+        pump = devmig_native.Pump(
+            session.device.handle,
+            fd,
+            bandwidth,
+            ROUND_INTERVAL_MS,
+            mac_key=stream_key(session.id, session.token),
+        )
         sender = _Sender(session, pump, fd, keep, self._done)
         with self._lock:
             self._active[session.id] = sender

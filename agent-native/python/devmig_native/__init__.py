@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Self
 from devmig_native import _native
 
 __all__ = [
+    "STREAM_KEY_LEN",
     "BarStats",
     "ChecksumImpl",
     "Device",
@@ -44,6 +45,8 @@ __all__ = [
     "crc32c",
     "crypto_impls",
     "fsm_path",
+    "ghash",
+    "hmac_sha256",
     "open_cdev",
     "open_group",
     "recv_fd",
@@ -115,6 +118,21 @@ def crc32c(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) 
 def sha256(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> bytes:
     """SHA-256 of ``data`` as the stream's trailer computes it; as crc32c."""
     return bytes(_native.sha256(data, int(impl)))
+
+
+# Bytes of a stream key (DEVMIG_STREAM_KEY_LEN).
+STREAM_KEY_LEN = 32
+
+
+def ghash(h: bytes, data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> bytes:
+    """GHASH_H of ``data`` followed by GCM's length block, the core of the
+    stream's MAC (``X86``: carry-less multiplication); as crc32c."""
+    return bytes(_native.ghash(h, data, int(impl)))
+
+
+def hmac_sha256(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """HMAC-SHA-256, as the stream's MAC derives its one-time key."""
+    return bytes(_native.hmac_sha256(key, data))
 
 
 class FdKind(enum.IntEnum):
@@ -399,11 +417,15 @@ class Device:
         caller ends the stream with shutdown/close. Runs without the GIL."""
         return self._h.send_stream(fd)
 
-    def receive_stream(self, fd: int, counter: LoadCounter | None = None) -> None:
+    def receive_stream(
+        self, fd: int, counter: LoadCounter | None = None, mac_key: bytes | None = None
+    ) -> None:
         """As load_stream, from an open fd, until its end of file. With a
         ``counter``, the payload bytes loaded so far can be read from another
-        thread while this runs (the target's progress)."""
-        self._h.receive_stream(fd, counter.buf if counter is not None else None)
+        thread while this runs (the target's progress). With ``mac_key``
+        (STREAM_KEY_LEN bytes) only a stream keyed with it verifies; without,
+        only a SHA-256 stream (see stream.h)."""
+        self._h.receive_stream(fd, counter.buf if counter is not None else None, mac_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,13 +456,19 @@ class Pump:
     bytes per second (0: no cap); ``round_interval_ms`` is the wait at a
     pre-copy temporary end before asking the device again. A pump blocked
     on a full socket is freed by shutting the socket down after
-    :meth:`cancel`.
+    :meth:`cancel`. ``mac_key`` (STREAM_KEY_LEN bytes) keys the stream's
+    MAC; without one the trailer carries SHA-256 (see stream.h).
     """
 
     def __init__(
-        self, device: Device, fd: int, bandwidth_bps: int = 0, round_interval_ms: int = 50
+        self,
+        device: Device,
+        fd: int,
+        bandwidth_bps: int = 0,
+        round_interval_ms: int = 50,
+        mac_key: bytes | None = None,
     ) -> None:
-        self._p = _native.Pump(device._h, fd, bandwidth_bps, round_interval_ms)
+        self._p = _native.Pump(device._h, fd, bandwidth_bps, round_interval_ms, mac_key)
 
     def progress(self) -> PumpProgress:
         d = dict(self._p.progress())

@@ -106,6 +106,73 @@ static PyObject *py_sha256(PyObject *self, PyObject *args)
 	return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+/* ghash(h, data, impl=0) -> GHASH_H(data) with GCM's length block (see
+ * stream.h), as py_crc32c. */
+static PyObject *py_ghash(PyObject *self, PyObject *args)
+{
+	Py_buffer h, b;
+	int impl = DEVMIG_IMPL_AUTO;
+	struct devmig_ghash g;
+	uint8_t out[16];
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "y*y*|i", &h, &b, &impl))
+		return NULL;
+	if (h.len != 16) {
+		PyBuffer_Release(&h);
+		PyBuffer_Release(&b);
+		PyErr_SetString(PyExc_ValueError, "h: 16 bytes");
+		return NULL;
+	}
+	if (devmig_ghash_init_impl(&g, h.buf, impl) < 0) {
+		PyBuffer_Release(&h);
+		PyBuffer_Release(&b);
+		errno = ENOTSUP;
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	Py_BEGIN_ALLOW_THREADS devmig_ghash_update(&g, b.buf, (size_t)b.len);
+	devmig_ghash_final(&g, out);
+	Py_END_ALLOW_THREADS PyBuffer_Release(&h);
+	PyBuffer_Release(&b);
+	return PyBytes_FromStringAndSize((const char *)out, 16);
+}
+
+/* hmac_sha256(key, data) -> 32 bytes. */
+static PyObject *py_hmac_sha256(PyObject *self, PyObject *args)
+{
+	Py_buffer k, b;
+	uint8_t out[32];
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "y*y*", &k, &b))
+		return NULL;
+	devmig_hmac_sha256(k.buf, (size_t)k.len, b.buf, (size_t)b.len, out);
+	PyBuffer_Release(&k);
+	PyBuffer_Release(&b);
+	return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
+/* A stream key argument: None, or exactly DEVMIG_STREAM_KEY_LEN bytes
+ * copied into key. 0 ok (*keyed set), -1 with an exception. */
+static int stream_key(PyObject *obj, uint8_t key[DEVMIG_STREAM_KEY_LEN], int *keyed)
+{
+	char *p;
+	Py_ssize_t n;
+
+	*keyed = 0;
+	if (obj == Py_None)
+		return 0;
+	if (PyBytes_AsStringAndSize(obj, &p, &n) < 0)
+		return -1;
+	if (n != DEVMIG_STREAM_KEY_LEN) {
+		PyErr_Format(PyExc_ValueError, "mac_key: %d bytes", DEVMIG_STREAM_KEY_LEN);
+		return -1;
+	}
+	memcpy(key, p, DEVMIG_STREAM_KEY_LEN);
+	*keyed = 1;
+	return 0;
+}
+
 static PyObject *py_crypto_impls(PyObject *self, PyObject *args)
 {
 	(void)self;
@@ -525,12 +592,15 @@ static PyObject *dev_send_stream(DeviceObject *self, PyObject *arg)
 
 static PyObject *dev_receive_stream(DeviceObject *self, PyObject *args)
 {
-	PyObject *fobj, *counter = Py_None;
+	PyObject *fobj, *counter = Py_None, *keyobj = Py_None;
 	Py_buffer cb = { 0 };
 	uint64_t *received = NULL;
-	int fd, r;
+	uint8_t key[DEVMIG_STREAM_KEY_LEN];
+	int fd, r, keyed;
 
-	if (!PyArg_ParseTuple(args, "O|O", &fobj, &counter))
+	if (!PyArg_ParseTuple(args, "O|OO", &fobj, &counter, &keyobj))
+		return NULL;
+	if (stream_key(keyobj, key, &keyed) < 0)
 		return NULL;
 	fd = PyObject_AsFileDescriptor(fobj);
 	if (fd < 0 || !alive(self))
@@ -547,7 +617,8 @@ static PyObject *dev_receive_stream(DeviceObject *self, PyObject *args)
 		}
 		received = cb.buf;
 	}
-	LOCKED(self, r = devmig_stream_load_counted(self->dev, fd, received));
+	LOCKED(self, r = devmig_stream_load_keyed(self->dev, fd, received, keyed ? key : NULL));
+	memset(key, 0, sizeof(key));
 	if (received)
 		PyBuffer_Release(&cb);
 	if (r < 0)
@@ -1033,14 +1104,17 @@ static void pump_release(PumpObject *self)
 
 static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "device", "fd", "bandwidth_bps", "round_interval_ms", NULL };
-	PyObject *devobj, *fdobj;
+	static char *kwlist[] = { "device", "fd", "bandwidth_bps", "round_interval_ms", "mac_key", NULL };
+	PyObject *devobj, *fdobj, *keyobj = Py_None;
 	unsigned long long bw = 0;
 	unsigned int interval = 50;
-	int fd, r;
+	uint8_t key[DEVMIG_STREAM_KEY_LEN];
+	int fd, r, keyed;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|KI", kwlist, &DeviceType, &devobj, &fdobj,
-					 &bw, &interval))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|KIO", kwlist, &DeviceType, &devobj, &fdobj,
+					 &bw, &interval, &keyobj))
+		return NULL;
+	if (stream_key(keyobj, key, &keyed) < 0)
 		return NULL;
 	fd = PyObject_AsFileDescriptor(fdobj);
 	if (fd < 0 || !alive((DeviceObject *)devobj))
@@ -1051,7 +1125,8 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 	self->dev = (DeviceObject *)devobj;
 	Py_INCREF(devobj);
 	Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock(self->dev->lock, WAIT_LOCK);
-	r = devmig_pump_start(self->dev->dev, fd, bw, interval, &self->p);
+	r = devmig_pump_start_keyed(self->dev->dev, fd, bw, interval, keyed ? key : NULL, &self->p);
+	memset(key, 0, sizeof(key));
 	if (r < 0)
 		PyThread_release_lock(self->dev->lock);
 	Py_END_ALLOW_THREADS
@@ -1198,6 +1273,8 @@ static PyMethodDef methods[] = {
 	{ "version", py_version, METH_NOARGS, "Version of the native core." },
 	{ "crc32c", py_crc32c, METH_VARARGS, "crc32c(data, impl=0, crc=0) -> CRC32C." },
 	{ "sha256", py_sha256, METH_VARARGS, "sha256(data, impl=0) -> SHA-256 digest." },
+	{ "ghash", py_ghash, METH_VARARGS, "ghash(h, data, impl=0) -> GHASH with GCM's length block." },
+	{ "hmac_sha256", py_hmac_sha256, METH_VARARGS, "hmac_sha256(key, data) -> HMAC-SHA-256." },
 	{ "crypto_impls", py_crypto_impls, METH_NOARGS, "The checksum implementations in use." },
 	{ "state_name", py_state_name, METH_O, "Kernel name of a VFIO migration state value." },
 	{ "state_from_name", py_state_from_name, METH_O, "Value of a VFIO migration state name." },

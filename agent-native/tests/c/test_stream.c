@@ -76,9 +76,9 @@ static int decode(const uint8_t *buf, size_t len, size_t step, struct mem *out, 
  * behind it). */
 static void fix_header(uint8_t *b)
 {
-	uint32_t c = devmig_crc32c(0, b, 60);
+	uint32_t c = devmig_crc32c(0, b, DEVMIG_STREAM_HEADER_LEN - 4);
 
-	memcpy(b + 60, &c, 4);
+	memcpy(b + DEVMIG_STREAM_HEADER_LEN - 4, &c, 4);
 }
 
 static void test_decoder(void)
@@ -87,7 +87,7 @@ static void test_decoder(void)
 	const char *why;
 	uint8_t *b = malloc(s.len + 2000);
 
-	CHECK(s.len == 64 + 5 * 1020 + 60);
+	CHECK(s.len == DEVMIG_STREAM_HEADER_LEN + 5 * 1020 + 60);
 	/* Any split verifies and yields the payload. */
 	for (size_t step = 1; step < s.len + 1; step = step * 3 + 1) {
 		out.len = 0;
@@ -100,12 +100,20 @@ static void test_decoder(void)
 	b[0] = 'X';
 	CHECK(decode(b, s.len, 4096, NULL, &why) == -EPROTO);
 	memcpy(b, s.b, s.len);
-	b[8] = 2;
+	b[8] = DEVMIG_STREAM_VERSION + 1;
 	fix_header(b);
 	CHECK(decode(b, s.len, 4096, NULL, NULL) == -EPROTONOSUPPORT);
 	memcpy(b, s.b, s.len);
-	b[8] = 2; /* without fixing: a corrupted header */
+	b[8] = 1; /* version 1: refused by version, whatever its checksum */
+	CHECK(decode(b, s.len, 4096, NULL, NULL) == -EPROTONOSUPPORT);
+	memcpy(b, s.b, s.len);
+	b[20] ^= 1; /* without fixing: a corrupted header */
 	CHECK(decode(b, s.len, 4096, NULL, NULL) == -EBADMSG);
+	memcpy(b, s.b, s.len);
+	b[56] = 9; /* an unknown digest */
+	fix_header(b);
+	CHECK(decode(b, s.len, 4096, NULL, &why) == -EBADMSG);
+	CHECK(strstr(why, "unknown stream digest") != NULL);
 
 	/* A different device. */
 	struct devmig_dev_desc other = DESC;
@@ -175,7 +183,10 @@ static void test_decoder(void)
 	struct devmig_stream_dec *d;
 	CHECK(devmig_stream_dec_new(NULL, NULL, NULL, &d) == 0);
 	CHECK(devmig_stream_dec_header(d, NULL, NULL) == -ENODATA);
-	CHECK(devmig_stream_dec_feed(d, "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", 64) == -EPROTO);
+	uint8_t xs[DEVMIG_STREAM_HEADER_LEN];
+
+	memset(xs, 'X', sizeof(xs));
+	CHECK(devmig_stream_dec_feed(d, xs, sizeof(xs)) == -EPROTO);
 	CHECK(devmig_stream_dec_header(d, NULL, NULL) == -ENODATA);
 	CHECK(devmig_stream_dec_feed(d, s.b, s.len) == -EPROTO);
 	CHECK(devmig_stream_dec_finish(d) == -EPROTO);
@@ -339,7 +350,7 @@ static void test_device_paths(void)
 	} damage[] = {
 		{ 0, -EPROTO },       /* magic */
 		{ 20, -EBADMSG },     /* header (driver name) */
-		{ 64 + 3, -EBADMSG }, /* frame header */
+		{ DEVMIG_STREAM_HEADER_LEN + 3, -EBADMSG }, /* frame header */
 		{ 5000, -EBADMSG },   /* payload */
 		{ -10, -EBADMSG },    /* trailer */
 	};
@@ -492,8 +503,110 @@ static void test_fd_writes(void)
 	free(p);
 }
 
+static const uint8_t KEY[DEVMIG_STREAM_KEY_LEN] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+						     17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32 };
+
+static struct mem make_keyed(const uint8_t *key, size_t len)
+{
+	struct devmig_stream_enc e;
+	struct mem m = { 0 };
+	uint8_t *p = malloc(len + 1);
+
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)(i * 13 + 1);
+	CHECK(devmig_stream_enc_begin_keyed(&e, &DESC, len, key, mem_write, &m) == 0);
+	CHECK(devmig_stream_enc_data(&e, p, len) == 0);
+	CHECK(devmig_stream_enc_finish(&e) == 0);
+	free(p);
+	return m;
+}
+
+static int decode_keyed(const uint8_t *buf, size_t len, const uint8_t *key, const char **why)
+{
+	struct devmig_stream_dec *d;
+	int r;
+
+	CHECK(devmig_stream_dec_new_keyed(&DESC, key, NULL, NULL, &d) == 0);
+	r = devmig_stream_dec_feed(d, buf, len);
+	if (r == 0)
+		r = devmig_stream_dec_finish(d);
+	if (why)
+		*why = devmig_stream_dec_why(d);
+	devmig_stream_dec_free(d);
+	return r;
+}
+
+/* The keyed MAC: verifies under its key only, never mixes with SHA-256
+ * streams, covers the header, and uses a fresh nonce per stream. */
+static void test_keyed(void)
+{
+	uint8_t other[DEVMIG_STREAM_KEY_LEN];
+	struct mem s = make_keyed(KEY, 3000), t = make_keyed(KEY, 3000), u = make_stream(&DESC, 1, 3000);
+	const char *why;
+	uint8_t *b = malloc(s.len);
+
+	memcpy(other, KEY, sizeof(other));
+	other[31] ^= 1;
+	CHECK(decode_keyed(s.b, s.len, KEY, NULL) == 0);
+	CHECK(decode_keyed(s.b, s.len, other, &why) == -EBADMSG);
+	CHECK(strstr(why, "MAC") != NULL);
+	CHECK(decode(s.b, s.len, 4096, NULL, &why) == -EBADMSG); /* no key */
+	CHECK(strstr(why, "has no key") != NULL);
+	CHECK(decode_keyed(u.b, u.len, KEY, &why) == -EBADMSG); /* SHA-256 stream */
+	CHECK(strstr(why, "needs the MAC") != NULL);
+	/* Two streams of the same bytes: different nonces, different tags. */
+	CHECK(s.len == t.len && memcmp(s.b + 60, t.b + 60, 16) != 0);
+	CHECK(memcmp(s.b + s.len - 32, t.b + t.len - 32, 16) != 0);
+	/* A header field changed with its CRC fixed: the MAC still refuses. */
+	memcpy(b, s.b, s.len);
+	b[48] ^= 1; /* the expected size */
+	fix_header(b);
+	CHECK(decode_keyed(b, s.len, KEY, &why) == -EBADMSG);
+	/* A payload byte changed with the frame CRC fixed: refused. */
+	memcpy(b, s.b, s.len);
+	b[FRAME(0, 3000) + DEVMIG_STREAM_FRAME_HDR_LEN + 7] ^= 0x40;
+	uint32_t c = devmig_crc32c(devmig_crc32c(0, b + FRAME(0, 3000), 16),
+				   b + FRAME(0, 3000) + DEVMIG_STREAM_FRAME_HDR_LEN, 3000);
+	memcpy(b + FRAME(0, 3000) + 16, &c, 4);
+	CHECK(decode_keyed(b, s.len, KEY, &why) == -EBADMSG);
+	CHECK(strstr(why, "MAC") != NULL);
+	free(b);
+	free(s.b);
+	free(t.b);
+	free(u.b);
+}
+
+/* GHASH: the portable and carry-less implementations agree on every
+ * length and split (the Python tests check both against AES-GCM). */
+static void test_ghash_impls(void)
+{
+	uint8_t h[16], data[1000], a[16], b[16];
+	struct devmig_ghash g1, g2;
+
+	for (int i = 0; i < 16; i++)
+		h[i] = (uint8_t)(i * 37 + 5);
+	for (size_t i = 0; i < sizeof(data); i++)
+		data[i] = (uint8_t)(i * 101 + 3);
+	if (devmig_ghash_init_impl(&g2, h, DEVMIG_IMPL_X86) == -ENOTSUP)
+		return; /* no carry-less multiplication here: portable only */
+	for (size_t len = 0; len < sizeof(data); len = len * 2 + 7) {
+		for (size_t split = 1; split < 300; split = split * 3 + 2) {
+			CHECK(devmig_ghash_init_impl(&g1, h, DEVMIG_IMPL_PORTABLE) == 0);
+			CHECK(devmig_ghash_init_impl(&g2, h, DEVMIG_IMPL_X86) == 0);
+			devmig_ghash_update(&g1, data, len);
+			for (size_t o = 0; o < len; o += split)
+				devmig_ghash_update(&g2, data + o, len - o < split ? len - o : split);
+			devmig_ghash_final(&g1, a);
+			devmig_ghash_final(&g2, b);
+			CHECK(memcmp(a, b, 16) == 0);
+		}
+	}
+}
+
 int main(void)
 {
+	test_keyed();
+	test_ghash_impls();
 	test_decoder();
 	test_decoder_random_damage();
 	test_device_paths();
