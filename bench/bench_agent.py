@@ -299,7 +299,11 @@ def main() -> None:
             rates, cpus, raws, aess, ratios = [], [], [], [], []
             for i in range(args.repeat):
                 n, dt, dc = transfer(root / f"t{int(tls)}{i}", args.mib * MIB, tls)
-                raw, _ = rawcopy.measure(n)
+                # Best of three: right after the agents free their devices'
+                # memory, the first copy can run several times slower while
+                # the VM's host faults memory back in, which would flatter
+                # the ratio; the best run is the copy's real speed here.
+                raw = max(rawcopy.measure(n)[0] for _ in range(3))
                 aes = aes_gcm_rate(256 * MIB)
                 base = min(raw, aes) if tls else raw
                 rates.append(n / dt)

@@ -17,7 +17,14 @@ import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2, agent_pb2_grpc
 from devmig_agent.devices import DeviceRegistry, ManagedDevice, UnknownDevice
 from devmig_agent.inventory import InventoryDevice
-from devmig_agent.sessions import Code, Role, SessionError, SessionManager, Snapshot
+from devmig_agent.sessions import (
+    RESUME_DEADLINE_MARGIN_S,
+    Code,
+    Role,
+    SessionError,
+    SessionManager,
+    Snapshot,
+)
 
 T = TypeVar("T")
 
@@ -30,6 +37,7 @@ _CODES = {
     Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _FLAGS = {
@@ -289,8 +297,17 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def Resume(
         self, request: agent_pb2.ResumeRequest, context: grpc.ServicerContext
     ) -> agent_pb2.ResumeResponse:
+        wait_s = 0.0
+        if request.wait_for_stream:
+            left = context.time_remaining()
+            # No deadline: wait as a WatchSession would, a minute at most.
+            left = 60.0 if left is None else left
+            wait_s = max(left - RESUME_DEADLINE_MARGIN_S, 0.001)
         snap = self._call(
-            context, lambda m: m.resume(request.session.session_id, request.session.token)
+            context,
+            lambda m: m.resume(
+                request.session.session_id, request.session.token, wait_s, context.is_active
+            ),
         )
         return agent_pb2.ResumeResponse(status=status_message(snap))
 

@@ -71,6 +71,7 @@ class Code(enum.Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
 
 
@@ -257,6 +258,12 @@ class RegistryReacquirer:
 # when the client gave no interval, milliseconds: often enough for a progress
 # bar, rare enough to cost nothing.
 DEFAULT_PROGRESS_INTERVAL_MS = 500
+# A Resume waiting for its stream re-checks that its caller is still there
+# this often, seconds: a caller gone frees the thread within a second.
+RESUME_WAIT_SLICE_S = 1.0
+# A waiting Resume answers this long before the caller's deadline, seconds,
+# so its DEADLINE_EXCEEDED arrives as an answer rather than a timeout.
+RESUME_DEADLINE_MARGIN_S = 0.5
 
 
 class Transfers(Protocol):
@@ -589,11 +596,32 @@ class SessionManager:
                     ) from e
             return self._snapshot(s)
 
-    def resume(self, session_id: str, token: str) -> Snapshot:
+    def resume(
+        self,
+        session_id: str,
+        token: str,
+        wait_s: float = 0.0,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> Snapshot:
+        """Resume a verified target. ``wait_s`` > 0: wait that long for a
+        stream still arriving (PREPARED), resuming as soon as it verifies;
+        still arriving after that is DEADLINE_EXCEEDED StreamNotVerified."""
         with self._lock:
             s = self._find(session_id, token)
             if s.role is not Role.TARGET:
                 raise SessionError(Code.FAILED_PRECONDITION, "WrongRole", "Resume is for targets")
+            end = time.monotonic() + wait_s
+            while s.phase is Phase.PREPARED and wait_s > 0:
+                left = end - time.monotonic()
+                if left <= 0 or not alive():
+                    raise SessionError(
+                        Code.DEADLINE_EXCEEDED,
+                        "StreamNotVerified",
+                        f"session {session_id}: the stream is still arriving",
+                    )
+                # Woken by on_transfer_done; the slice bounds how long a
+                # caller that went away keeps this thread.
+                self._changed.wait(min(left, RESUME_WAIT_SLICE_S))
             if s.phase is Phase.TRANSFERRED and s.device.handle.state is not MigState.RUNNING:
                 self._set_state(s, MigState.RUNNING, MigState.STOP)
                 s.running_at_ns = self.clock_ns()

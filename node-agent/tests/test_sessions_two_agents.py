@@ -84,6 +84,38 @@ def target_final(b: Agent) -> pb.SessionStatus:
     return last
 
 
+def test_a_resume_asked_before_the_stop_runs_the_target_the_moment_its_stream_verifies(
+    agents: tuple[Agent, Agent],
+) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    until_rounds(a, 1)
+    # Still streaming and nobody stops it: the wait ends before the
+    # caller's deadline with an answer, not a timeout, and changes nothing.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.Resume(pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=1.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert e.value.details().startswith("StreamNotVerified")
+    assert b.stub.GetSession(pb.GetSessionRequest(session=REF)).status.device_state == (
+        pb.VFIO_DEVICE_STATE_RESUMING
+    )
+    # Without waiting: refused at once, as before.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.Resume(pb.ResumeRequest(session=REF), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    waiting = b.stub.Resume.future(pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=30)
+    stop = a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF])).status
+    r = waiting.result().status
+    assert r.device_state == pb.VFIO_DEVICE_STATE_RUNNING
+    assert r.running_at_unix_nanos > stop.stopped_at_unix_nanos > 0
+    src_digest = a.registry.get(SRC_DEV).handle.stats().mem_digest  # type: ignore[attr-defined]
+    assert b.registry.get(DST_DEV).handle.stats().mem_digest == src_digest  # type: ignore[attr-defined]
+    # Idempotent: asked again, the same answer at once.
+    again = b.stub.Resume(pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=10).status
+    assert again.running_at_unix_nanos == r.running_at_unix_nanos
+
+
 def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agent]) -> None:
     a, b = agents
     endpoint = prepare(a, b)

@@ -60,6 +60,45 @@ def _wait_transferred(stub: Any, ref: Any) -> Any:
     return last
 
 
+def _one_device(src: Any, dst: Any, ref: Any, device: dict[str, Any]) -> Result:
+    """One device: the target's Resume is asked first, waiting for the
+    stream, then the source stops; the target resumes the moment its stream
+    verifies, with no round trip between (the downtime's floor is the
+    source's stop, the residual's transfer and the target's checks).
+    Several devices keep the staged path below: every stream verified before
+    any target runs (RUNNING_P2P ordering across the VM's devices)."""
+    waiting = dst.stub.Resume.future(
+        agent_pb2.ResumeRequest(session=ref, wait_for_stream=True), timeout=WATCH_S
+    )
+    try:
+        agentsmod.call(
+            src.stub.StopAndCopy, agent_pb2.StopAndCopyRequest(session=ref, vm_sessions=[ref])
+        )
+    except Exception:
+        waiting.cancel()
+        raise
+    try:
+        s = waiting.result().status
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Wait(
+                STILL_STREAMING_S, Reason.STOPPING_AND_COPYING, "device state still streaming"
+            )
+        err = agentsmod.classify(e)
+        if isinstance(err, agentsmod.AgentRefused) and err.details.startswith("StreamNotVerified"):
+            return Failed(Reason.AGENT_ERROR, f"target session failed: {err.details}")
+        raise err from e
+    device["bytesReceived"] = int(s.progress.bytes_received)
+    device["targetState"] = state_name(s.device_state)
+    src_status = agentsmod.call(
+        src.stub.GetSession, agent_pb2.GetSessionRequest(session=ref)
+    ).status
+    device.update(device_progress(device, src_status))
+    return Done(
+        Phase.RESUMING, {"devices": [device]}, "device state received and verified; target resumed"
+    )
+
+
 def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
     st = ctx.status
     devices = [dict(d) for d in st.get("devices") or []]
@@ -67,6 +106,8 @@ def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Resu
     try:
         src = agent_for(ctx, agents, st["sourceNode"])
         dst = agent_for(ctx, agents, st["targetNode"])
+        if len(refs) == 1:
+            return _one_device(src, dst, refs[0], devices[0])
         for ref in refs:
             s = agentsmod.call(
                 src.stub.StopAndCopy, agent_pb2.StopAndCopyRequest(session=ref, vm_sessions=refs)
