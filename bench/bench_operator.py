@@ -80,13 +80,11 @@ def agent(
     cp: controlplane.ControlPlane, node: str, root: pathlib.Path, sim: str, holders: dict[int, str]
 ) -> tuple[processes.Drained, str]:
     a = processes.start_agent(cp.admin_kubeconfig, node, root, sim, holders)
-    return processes.Drained(a.proc), a.endpoint
+    return a.output, a.endpoint
 
 
 def operator(cp: controlplane.ControlPlane) -> processes.Drained:
-    return processes.Drained(
-        processes.start_operator(cp.admin_kubeconfig, NS, controlplane.free_port(), NS)
-    )
+    return processes.start_operator(cp.admin_kubeconfig, NS, controlplane.free_port(), NS)
 
 
 def rtt(endpoint: str) -> float:

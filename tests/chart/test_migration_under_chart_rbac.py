@@ -77,8 +77,8 @@ def test_a_migration_succeeds_with_only_the_charts_permissions(
                 what="the Succeeded event",
             )
         finally:
-            operator.terminate()
-            out, _ = operator.communicate(timeout=20)
+            operator.stop()
+            out = operator.log()
             print(out[-4000:])
             for a in agents:
                 print(a.stop())

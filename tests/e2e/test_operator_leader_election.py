@@ -31,14 +31,12 @@ def replicas(
     control_plane: ControlPlane, kube: Any, namespace: str
 ) -> Iterator[tuple[processes.Drained, processes.Drained]]:
     def start() -> processes.Drained:
-        return processes.Drained(
-            processes.start_operator(
-                control_plane.admin_kubeconfig,
-                namespace,
-                free_port(),
-                namespace,
-                extra_args=["--leader-election", LEASE],
-            )
+        return processes.start_operator(
+            control_plane.admin_kubeconfig,
+            namespace,
+            free_port(),
+            namespace,
+            extra_args=["--leader-election", LEASE],
         )
 
     first = start()

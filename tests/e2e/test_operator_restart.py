@@ -45,15 +45,14 @@ def test_a_migration_survives_the_operator_dying_in_a_phase(
     # the migration there (or one step on, if the first got further in the
     # few milliseconds before the kill) and must finish it.
     objects.wait_dm(kube, namespace, "m", lambda o: o.get("status", {}).get("phase") == phase)
-    first.kill()  # no goodbye: as if its node died
-    first.wait(timeout=20)
+    first.p.kill()  # no goodbye: as if its node died
+    first.p.wait(timeout=20)
     second = processes.start_operator(cfg, namespace, controlplane.free_port(), namespace)
     try:
         dm = objects.wait_dm_final(kube, namespace, "m")
     finally:
-        second.terminate()
-        out, _ = second.communicate(timeout=20)
-        print(out[-4000:])
+        second.stop()
+        print(second.log()[-4000:])
     st = dm["status"]
     assert st["phase"] == "Succeeded", st
     # One pass through each phase: the successor resumed, it did not restart.

@@ -165,13 +165,8 @@ def cluster(
                             print(f"--- {g.name}: {e}")
                     print(f"--- {g.name} console\n{g.console_text()[-3000:]}")
     finally:
-        op.terminate()
-        try:
-            out, _ = op.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            op.kill()
-            out, _ = op.communicate()
-        print(f"--- operator\n{out[-6000:]}")
+        op.stop()
+        print(f"--- operator\n{op.log()[-6000:]}")
 
 
 def _kernels_clean(*guests: qemu_nodes.Guest) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import io
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -131,7 +130,7 @@ def run(size: str, dirty: int, keep: bool) -> int:
     cp = controlplane.ControlPlane(workdir=workdir, binaries=controlplane.locate_binaries())
     agents: list[processes.AgentProcess] = []
     vmms: list[VmmStandIn] = []
-    operator: subprocess.Popen[str] | None = None
+    operator: processes.Drained | None = None
     try:
         say("starting the control plane (real etcd + kube-apiserver on loopback)")
         cp.start()
@@ -206,11 +205,7 @@ def run(size: str, dirty: int, keep: bool) -> int:
         return rc
     finally:
         if operator is not None:
-            operator.terminate()
-            try:
-                operator.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+            operator.stop()
         for standin in vmms:
             standin.close()
         for a in agents:

@@ -54,19 +54,24 @@ class Drained:
 
 @dataclasses.dataclass
 class AgentProcess:
+    """A running agent. Its output is read by a thread from the start
+    (``output``): an agent whose pipe nobody read would block on its next
+    log line once 64 KiB had piled up, in the middle of a test."""
+
     node: str
     proc: subprocess.Popen[str]
     endpoint: str
+    output: Drained
 
     def stop(self) -> str:
         """Terminate; returns the tail of its log."""
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out[-3000:]
+            self.proc.wait()
+        return self.output.log()[-3000:]
 
 
 def start_agent(
@@ -112,7 +117,7 @@ def start_agent(
     if not m:
         p.kill()
         raise RuntimeError(f"agent {node} did not start: {line!r}")
-    return AgentProcess(node, p, m.group(1))
+    return AgentProcess(node, p, m.group(1), Drained(p))
 
 
 def wait_inventories(api: Any, agents: list[AgentProcess], timeout_s: int = 60) -> None:
@@ -150,7 +155,7 @@ def start_operator(
     watch_namespace: str = "",
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
-) -> subprocess.Popen[str]:
+) -> Drained:
     args = [
         sys.executable, "-m", "devmig_operator",
         "--liveness", "",
@@ -159,17 +164,21 @@ def start_operator(
     if watch_namespace:
         args += ["--namespace", watch_namespace]
     args += extra_args or []
-    return subprocess.Popen(
-        args,
-        env={
-            **os.environ,
-            "KUBECONFIG": str(kubeconfig),
-            "DEVMIG_NAMESPACE": namespace,
-            **(env or {}),
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    # Read from the start (Drained): kopf logs every event, and an operator
+    # whose pipe filled would stall mid-test.
+    return Drained(
+        subprocess.Popen(
+            args,
+            env={
+                **os.environ,
+                "KUBECONFIG": str(kubeconfig),
+                "DEVMIG_NAMESPACE": namespace,
+                **(env or {}),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     )
 
 

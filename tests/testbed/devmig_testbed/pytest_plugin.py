@@ -17,7 +17,6 @@ import dataclasses
 import os
 import pathlib
 import shutil
-import subprocess
 import tempfile
 import urllib.request
 import uuid
@@ -85,7 +84,7 @@ def namespace(kube: Any) -> Iterator[str]:
 
 @dataclasses.dataclass
 class OperatorProcess:
-    proc: subprocess.Popen[str]
+    proc: processes.Drained
     metrics_url: str
 
     def metrics(self) -> str:
@@ -108,10 +107,5 @@ def operator_process(
     try:
         yield OperatorProcess(proc, f"http://127.0.0.1:{port}/metrics")
     finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        print(out[-5000:])
+        proc.stop()
+        print(proc.log()[-5000:])
