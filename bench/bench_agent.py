@@ -209,9 +209,13 @@ def window(tmp: pathlib.Path, size: int) -> tuple[float, int, float]:
         # The residual: what the device reports still to send (every page,
         # dirtied again since the round).
         residual = int(_status(a).progress.remaining_bytes)
-        # The operator's steps, each one RPC as the operator makes them.
+        # The operator's steps for one device, as it makes them: the
+        # target's Resume asked first, waiting for its stream, then the stop.
+        waiting = b.stub.Resume.future(
+            pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=60
+        )
         stop = a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF])).status
-        _until_transferred(b)
+        waiting.result()
         running = _finish(a, b)
         seconds = (running.running_at_unix_nanos - stop.stopped_at_unix_nanos) / 1e9
         return seconds, residual, rtt

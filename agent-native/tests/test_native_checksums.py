@@ -45,7 +45,8 @@ def _available(impl: ChecksumImpl) -> bool:
     return True
 
 
-IMPLS = list(ChecksumImpl)
+# X86_512 is GHASH's alone (tested against AES-GCM below).
+IMPLS = [i for i in ChecksumImpl if i is not ChecksumImpl.X86_512]
 
 
 def test_the_cpu_s_own_implementations_are_used_when_it_has_them() -> None:
@@ -56,7 +57,10 @@ def test_the_cpu_s_own_implementations_are_used_when_it_has_them() -> None:
         devmig_native.crc32c(b"x", ChecksumImpl.X86)  # does not raise
     if "sha_ni" in flags and "sse4_2" in flags:
         assert "sha256=sha-ni" in impls
-    if "pclmulqdq" in flags and "sse4_2" in flags:
+    if {"vpclmulqdq", "avx512f", "avx512bw"} <= flags:
+        assert "ghash=vpclmulqdq" in impls
+        devmig_native.ghash(bytes(16), b"x", ChecksumImpl.X86_512)  # does not raise
+    elif "pclmulqdq" in flags and "sse4_2" in flags:
         assert "ghash=pclmul" in impls
         devmig_native.ghash(bytes(16), b"x", ChecksumImpl.X86)  # does not raise
     if not flags & {"sse4_2", "sha_ni", "pclmulqdq"}:
@@ -97,7 +101,7 @@ def _aes_block(key: bytes, block: bytes) -> bytes:
     return enc.update(block) + enc.finalize()
 
 
-@pytest.mark.parametrize("impl", [ChecksumImpl.PORTABLE, ChecksumImpl.X86])
+@pytest.mark.parametrize("impl", [ChecksumImpl.PORTABLE, ChecksumImpl.X86, ChecksumImpl.X86_512])
 def test_ghash_is_the_ghash_inside_openssls_aes_gcm(impl: ChecksumImpl) -> None:
     """AES-GCM's tag over additional data A with an empty plaintext is
     GHASH_H(A, GCM's length block) xor E_K(J0), H = E_K(0^128): the stream's
@@ -105,10 +109,13 @@ def test_ghash_is_the_ghash_inside_openssls_aes_gcm(impl: ChecksumImpl) -> None:
     aggregation boundaries (8 blocks of 16 bytes)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if impl is ChecksumImpl.X86 and "pclmulqdq" not in _cpu_flags():
+    flags = _cpu_flags()
+    if impl is ChecksumImpl.X86 and "pclmulqdq" not in flags:
         pytest.skip("this CPU has no carry-less multiplication (pclmulqdq)")
+    if impl is ChecksumImpl.X86_512 and not {"vpclmulqdq", "avx512f", "avx512bw"} <= flags:
+        pytest.skip("this CPU has no 512-bit carry-less multiplication (vpclmulqdq, avx512bw)")
     rng = random.Random(7)
-    for length in (0, 1, 15, 16, 17, 127, 128, 129, 255, 256, 1000, 65_537):
+    for length in (0, 1, 15, 16, 17, 127, 128, 129, 255, 256, 257, 511, 1000, 4096, 65_537):
         key, iv = rng.randbytes(32), rng.randbytes(12)
         data = rng.randbytes(length)
         h = _aes_block(key, bytes(16))

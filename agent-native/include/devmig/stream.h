@@ -58,7 +58,9 @@ uint32_t devmig_crc32c(uint32_t crc, const void *buf, size_t len);
 enum devmig_impl {
 	DEVMIG_IMPL_AUTO = 0,
 	DEVMIG_IMPL_PORTABLE = 1, /* plain C */
-	DEVMIG_IMPL_X86 = 2,      /* CRC32C: SSE4.2 crc32; SHA-256: the SHA extensions */
+	DEVMIG_IMPL_X86 = 2,      /* CRC32C: SSE4.2 crc32; SHA-256: the SHA extensions;
+				   * GHASH: PCLMULQDQ */
+	DEVMIG_IMPL_X86_512 = 3,  /* GHASH only: VPCLMULQDQ on 512-bit registers (AVX-512) */
 };
 typedef uint32_t (*devmig_crc32c_fn)(uint32_t crc, const void *buf, size_t len);
 /* The implementation, or NULL when this CPU lacks it. */
@@ -90,7 +92,7 @@ void devmig_hmac_sha256(const uint8_t *key, size_t key_len, const void *msg, siz
  * and 64 zero bits). Carry-less multiplication where the CPU has it. */
 struct devmig_ghash {
 	uint8_t h[16];
-	uint8_t hpow[128]; /* H^1..H^8 for the carry-less implementation */
+	uint8_t hpow[256]; /* H^1..H^16 for the carry-less implementations */
 	uint8_t y[16];
 	uint8_t buf[16];
 	size_t fill;
@@ -101,7 +103,7 @@ struct devmig_ghash {
 int devmig_ghash_init_impl(struct devmig_ghash *g, const uint8_t h[16], int impl);
 void devmig_ghash_update(struct devmig_ghash *g, const void *buf, size_t len);
 void devmig_ghash_final(struct devmig_ghash *g, uint8_t out[16]);
-/* "pclmul" or "portable": what AUTO uses. */
+/* "vpclmulqdq", "pclmul" or "portable": what AUTO uses. */
 const char *devmig_ghash_impl_name(void);
 
 /* The stream's MAC (see the top of this file and ghash.c). */
