@@ -104,7 +104,7 @@ class PeerGate:
         self.allowed_uids = frozenset({0, *allowed_uids})
         self._on_refused = on_refused
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._private = tempfile.mkdtemp(prefix="devmig-gate-")  # mode 0700
+        self._private = ""  # made by start(): mode 0700
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -115,16 +115,19 @@ class PeerGate:
         self.denied.add_generic_rpc_handlers(
             (_Deny(f"{REASON}: this socket serves uid {uids} only"),)
         )
-        self._allowed_path = os.path.join(self._private, "allowed.sock")
-        self._denied_path = os.path.join(self._private, "denied.sock")
+        self._allowed_path = self._denied_path = ""
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, mode: int) -> None:
         """Start both servers, then listen on the public path with ``mode``
         (the socket's existence is what tells callers it is ready)."""
+        self._private = tempfile.mkdtemp(prefix="devmig-gate-")  # mode 0700
+        self._allowed_path = os.path.join(self._private, "allowed.sock")
+        self._denied_path = os.path.join(self._private, "denied.sock")
         for server, path in ((self.allowed, self._allowed_path), (self.denied, self._denied_path)):
             if server.add_insecure_port(f"unix://{path}") == 0:
+                self.stop()
                 raise OSError(f"cannot listen on {path}")
             server.start()
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -208,7 +211,8 @@ class PeerGate:
             server.stop(grace).wait()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        shutil.rmtree(self._private, ignore_errors=True)
+        if self._private:
+            shutil.rmtree(self._private, ignore_errors=True)
         done = threading.Event()
         done.set()
         return done
