@@ -230,3 +230,32 @@ def test_cancel_in_any_phase_rolls_back_until_the_commit_point(
         assert dst.state == pb.VFIO_DEVICE_STATE_RUNNING and not dst.session_id
         assert src.state == pb.VFIO_DEVICE_STATE_STOP and not src.session_id
     assert client.CoordinationV1Api(kube).list_namespaced_lease(namespace).items == []
+
+
+def test_an_agent_that_predates_waiting_resumes_through_the_staged_path(
+    kube: Any,
+    namespace: str,
+    agents: list[processes.AgentProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent older than ResumeRequest.wait_for_stream ignores the field
+    and refuses at once (StreamNotVerified) while the stream still runs: the
+    operator then watches the stream and resumes after it, as before."""
+    from devmig.agent.v1alpha1 import agent_pb2 as real
+    from devmig_operator.phases import stop_and_copy
+
+    class OldAgentsProto:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def ResumeRequest(**kw: Any) -> Any:
+            kw.pop("wait_for_stream", None)  # unknown to an old agent: dropped
+            return real.ResumeRequest(**kw)
+
+    monkeypatch.setattr(stop_and_copy, "agent_pb2", OldAgentsProto())
+    start(kube, namespace)
+    st = Operator(kube, namespace).until_final("m")
+    assert st["phase"] == "Succeeded", st
+    assert [t["phase"] for t in st["phaseTransitions"]] == ALL
+    assert devices(agents[1].endpoint).state == pb.VFIO_DEVICE_STATE_RUNNING

@@ -60,13 +60,18 @@ def _wait_transferred(stub: Any, ref: Any) -> Any:
     return last
 
 
-def _one_device(src: Any, dst: Any, ref: Any, device: dict[str, Any]) -> Result:
+def _one_device(src: Any, dst: Any, ref: Any, device: dict[str, Any]) -> Result | None:
     """One device: the target's Resume is asked first, waiting for the
     stream, then the source stops; the target resumes the moment its stream
     verifies, with no round trip between (the downtime's floor is the
     source's stop, the residual's transfer and the target's checks).
     Several devices keep the staged path below: every stream verified before
-    any target runs (RUNNING_P2P ordering across the VM's devices)."""
+    any target runs (RUNNING_P2P ordering across the VM's devices).
+
+    None: take the staged path instead. That is the answer to a refusal
+    (StreamNotVerified): an agent that predates wait_for_stream refuses at
+    once while the stream still runs, and the staged path's watch tells a
+    stream still running from one that failed."""
     waiting = dst.stub.Resume.future(
         agent_pb2.ResumeRequest(session=ref, wait_for_stream=True), timeout=WATCH_S
     )
@@ -86,7 +91,7 @@ def _one_device(src: Any, dst: Any, ref: Any, device: dict[str, Any]) -> Result:
             )
         err = agentsmod.classify(e)
         if isinstance(err, agentsmod.AgentRefused) and err.details.startswith("StreamNotVerified"):
-            return Failed(Reason.AGENT_ERROR, f"target session failed: {err.details}")
+            return None
         raise err from e
     device["bytesReceived"] = int(s.progress.bytes_received)
     device["targetState"] = state_name(s.device_state)
@@ -107,7 +112,9 @@ def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Resu
         src = agent_for(ctx, agents, st["sourceNode"])
         dst = agent_for(ctx, agents, st["targetNode"])
         if len(refs) == 1:
-            return _one_device(src, dst, refs[0], devices[0])
+            done = _one_device(src, dst, refs[0], devices[0])
+            if done is not None:
+                return done
         for ref in refs:
             s = agentsmod.call(
                 src.stub.StopAndCopy, agent_pb2.StopAndCopyRequest(session=ref, vm_sessions=refs)
