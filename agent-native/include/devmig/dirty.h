@@ -4,10 +4,11 @@
  *
  * Two kernel facts (seen on 6.12) shape the reader: GET_DIRTY_BITMAP only
  * sets bits, so the bitmap is zeroed before every read; and it answers
- * success with nothing set when tracking is off, so the tracker keeps its
- * own record of whether tracking is on (changed only after the kernel
- * accepted the change) and refuses to read while it is off rather than
- * report "clean". A range that was never mapped also reads clean: track
+ * success with nothing set when tracking is off (6.12.117; 6.12.118 refuses
+ * with EINVAL instead), so the tracker keeps its own record of whether
+ * tracking is on (changed only after the kernel accepted the change) and
+ * refuses to read while it is off rather than report "clean". A range that
+ * was never mapped also reads clean (6.12.117) or EINVAL (6.12.118): track
  * what you mapped. */
 #ifndef DEVMIG_DIRTY_H
 #define DEVMIG_DIRTY_H
