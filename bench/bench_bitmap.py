@@ -3,7 +3,7 @@
 Figures (bytes of bitmap per second, see docs/benchmarks.md):
 
 bitmap_encode_1pct / bitmap_encode_50pct
-    ``bitmap_encode_into`` (the C encoder, into a reused buffer: it counts each block's runs, then
+    ``bitmap_encode_into`` (the C encoder, into a reused buffer: it finds each block's runs, then
     writes them or the raw words, whichever is smaller) of a 32 MiB bitmap,
     a 1 TiB guest at 4 KiB pages, with 1% or 50% of its pages dirty at
     random. The encoding is decoded once, outside the timing, and must give
@@ -12,8 +12,8 @@ bitmap_ranges_1pct
     ``bitmap_ranges`` at 1%: the scan to (first, count) ranges including
     building the Python list, for reference (no goal).
 
-Baseline, in the same run: copying the same 32 MiB into a preallocated
-buffer (``memoryview`` slice assignment, one C memcpy).
+Baseline, in the same run: copying the same 32 MiB bitmap into a
+preallocated buffer (``memoryview`` slice assignment, one C memcpy).
 
 Each figure is the best of --repeat runs of each side, taken alternately,
 so a moment of interference from the VM host hits both or neither.
@@ -58,13 +58,12 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def _figure(name: str, fn: Callable[[], object], repeat: int) -> dict[str, object]:
-    src = bytearray(NBYTES)
+def _figure(name: str, fn: Callable[[], object], repeat: int, bm: bytearray) -> dict[str, object]:
     dst = bytearray(NBYTES)
     view = memoryview(dst)
 
-    def copy() -> None:
-        view[:] = src
+    def copy() -> None:  # the same bitmap the function reads
+        view[:] = bm
 
     copy()  # fault the destination in before timing
     fn()  # and whatever the function allocates the first time
@@ -81,6 +80,7 @@ def _figure(name: str, fn: Callable[[], object], repeat: int) -> dict[str, objec
         "ratio": round(value / base, 3),
         "seconds": round(t_fn, 6),
         "baseline_seconds": round(t_copy, 6),
+        "impl": dn.bitmap_impl(),
     }
 
 
@@ -102,13 +102,16 @@ def main() -> None:
             f"bitmap_encode_{tag}",
             lambda bm=bm, out=out: dn.bitmap_encode_into(bm, NPAGES, out),
             args.repeat,
+            bm,
         )
         fig["encoded_bytes"] = len(enc)
         fig["dirty_pages"] = dn.bitmap_count(bm, NPAGES)
         figs.append(fig)
         ranges_bm = bm
     assert ranges_bm is not None
-    figs.append(_figure("bitmap_ranges_1pct", lambda: dn.bitmap_ranges(ranges_bm, NPAGES), 3))
+    figs.append(
+        _figure("bitmap_ranges_1pct", lambda: dn.bitmap_ranges(ranges_bm, NPAGES), 3, ranges_bm)
+    )
     for f in figs:
         print(json.dumps(f))
 

@@ -36,7 +36,7 @@ struct devmig_pump {
 	long result;
 	struct devmig_pump_progress prog;
 	struct devmig_stream_enc enc;
-	bool keyed;
+	bool keyed, sealed;
 	uint8_t key[DEVMIG_STREAM_KEY_LEN];
 	uint8_t *buf;
 	/* rate windows */
@@ -192,7 +192,8 @@ static int send_available(struct devmig_pump *p)
 			return 0;
 		if (n < 0)
 			return (int)n;
-		int r = devmig_stream_enc_data(&p->enc, p->buf, (size_t)n);
+		/* the pump's own buffer: a sealed stream encrypts it in place */
+		int r = devmig_stream_enc_data_mut(&p->enc, p->buf, (size_t)n);
 		if (r < 0)
 			return r;
 		sent(p, (uint64_t)n);
@@ -206,8 +207,12 @@ static long run(struct devmig_pump *p)
 
 	if (devmig_data_size(p->d, &expected) < 0)
 		expected = 0; /* unknown: devices without MIG_DATA_SIZE */
-	r = devmig_stream_enc_begin_keyed(&p->enc, &p->d->desc, expected, p->keyed ? p->key : NULL,
-					  devmig_fd_write_all, &p->fd);
+	if (p->sealed)
+		r = devmig_stream_enc_begin_sealed(&p->enc, &p->d->desc, expected, p->key,
+						   devmig_fd_write_all, &p->fd);
+	else
+		r = devmig_stream_enc_begin_keyed(&p->enc, &p->d->desc, expected,
+						  p->keyed ? p->key : NULL, devmig_fd_write_all, &p->fd);
 	if (r < 0)
 		return r;
 	/* Pre-copy rounds until asked to stop-and-copy. */
@@ -288,8 +293,27 @@ int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 	return devmig_pump_start_keyed(d, out_fd, bandwidth_bps, round_interval_ms, NULL, out);
 }
 
+static int start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+		 uint32_t round_interval_ms, const uint8_t *key, bool sealed, struct devmig_pump **out);
+
 int devmig_pump_start_keyed(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 			    uint32_t round_interval_ms, const uint8_t *key, struct devmig_pump **out)
+{
+	return start(d, out_fd, bandwidth_bps, round_interval_ms, key, false, out);
+}
+
+int devmig_pump_start_sealed(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+			     uint32_t round_interval_ms, const uint8_t *key, struct devmig_pump **out)
+{
+	if (!key)
+		return -EINVAL;
+	if (!devmig_aes256_available())
+		return -ENOTSUP;
+	return start(d, out_fd, bandwidth_bps, round_interval_ms, key, true, out);
+}
+
+static int start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+		 uint32_t round_interval_ms, const uint8_t *key, bool sealed, struct devmig_pump **out)
 {
 	struct devmig_pump *p;
 	pthread_condattr_t ca;
@@ -311,6 +335,7 @@ int devmig_pump_start_keyed(struct devmig_dev *d, int out_fd, uint64_t bandwidth
 	p->fd = out_fd;
 	if (key) {
 		p->keyed = true;
+		p->sealed = sealed;
 		memcpy(p->key, key, sizeof(p->key));
 	}
 	p->bw = bandwidth_bps;
@@ -443,6 +468,7 @@ void devmig_pump_free(struct devmig_pump *p)
 	pthread_cond_destroy(&p->cv);
 	pthread_cond_destroy(&p->done_cv);
 	memset(p->key, 0, sizeof(p->key));
+	memset(&p->enc.dg.aes, 0, sizeof(p->enc.dg.aes));
 	free(p->buf);
 	free(p);
 }

@@ -47,9 +47,11 @@ static uint64_t get64(const uint8_t *p)
 /* Header layout: magic 0..8, version 8..10, header length 10..12,
  * vendor 12..14, device 14..16, driver 16..48, expected size 48..56,
  * digest 56..58, reserved 58..60, MAC nonce 60..76 (zero for SHA-256),
- * reserved 76..92, CRC32C of bytes 0..92 at 92..96. */
+ * key check 76..92 (sealed streams; zero otherwise), CRC32C of bytes 0..92
+ * at 92..96. */
 #define H_DIGEST 56
 #define H_NONCE 60
+#define H_KEYCHECK 76
 #define H_CRC 92
 
 /* ---- the trailer's digest ---- */
@@ -60,22 +62,55 @@ static void dg_sha(struct devmig_digest *g)
 	devmig_sha256_init(&g->sha);
 }
 
+/* The cipher key of a sealed stream: HMAC-SHA-256(key, label || nonce),
+ * fresh with every stream's nonce (so the counter may start at 0 and the IV
+ * be zero), and apart from the MAC's one-time key by its label. */
+#define SEAL_LABEL "devmig stream enc v1"
+static const uint8_t seal_iv[8];
+/* A sealed stream's header carries the first 16 bytes of
+ * HMAC-SHA-256(key, label || nonce): a receiver holding another key refuses
+ * the stream at its header, before any payload (which it would decrypt to
+ * noise) reaches the device. It tells nothing of the key. */
+#define CHECK_LABEL "devmig stream key check v1"
+
+static void key_check(const uint8_t *key, const uint8_t *nonce, uint8_t out[16])
+{
+	uint8_t msg[sizeof(CHECK_LABEL) - 1 + 16], mac[32];
+
+	memcpy(msg, CHECK_LABEL, sizeof(CHECK_LABEL) - 1);
+	memcpy(msg + sizeof(CHECK_LABEL) - 1, nonce, 16);
+	devmig_hmac_sha256(key, DEVMIG_STREAM_KEY_LEN, msg, sizeof(msg), mac);
+	memcpy(out, mac, 16);
+}
+
 /* The MAC covers the header too (all of it, nonce and CRC included), so a
- * header changed on the wire fails the stream even with its CRC fixed. */
-static int dg_mac(struct devmig_digest *g, const uint8_t *key, const uint8_t *hdr)
+ * header changed on the wire fails the stream even with its CRC fixed.
+ * kind: DEVMIG_DIGEST_MAC or DEVMIG_DIGEST_SEALED. */
+static int dg_keyed(struct devmig_digest *g, const uint8_t *key, const uint8_t *hdr, int kind)
 {
 	int r = devmig_mac_init(&g->mac, key, hdr + H_NONCE);
 
 	if (r < 0)
 		return r;
-	g->kind = DEVMIG_DIGEST_MAC;
+	if (kind == DEVMIG_DIGEST_SEALED) {
+		uint8_t msg[sizeof(SEAL_LABEL) - 1 + 16], k[32];
+
+		memcpy(msg, SEAL_LABEL, sizeof(SEAL_LABEL) - 1);
+		memcpy(msg + sizeof(SEAL_LABEL) - 1, hdr + H_NONCE, 16);
+		devmig_hmac_sha256(key, DEVMIG_STREAM_KEY_LEN, msg, sizeof(msg), k);
+		r = devmig_aes256_init_impl(&g->aes, k, DEVMIG_IMPL_AUTO);
+		memset(k, 0, sizeof(k));
+		if (r < 0)
+			return r;
+	}
+	g->kind = kind;
 	devmig_mac_update(&g->mac, hdr, DEVMIG_STREAM_HEADER_LEN);
 	return 0;
 }
 
 static void dg_update(struct devmig_digest *g, const void *buf, size_t len)
 {
-	if (g->kind == DEVMIG_DIGEST_MAC)
+	if (g->kind != DEVMIG_DIGEST_SHA256)
 		devmig_mac_update(&g->mac, buf, len);
 	else
 		devmig_sha256_update(&g->sha, buf, len);
@@ -84,7 +119,7 @@ static void dg_update(struct devmig_digest *g, const void *buf, size_t len)
 /* The trailer's 32 digest bytes. */
 static void dg_final(struct devmig_digest *g, uint8_t out[32])
 {
-	if (g->kind == DEVMIG_DIGEST_MAC) {
+	if (g->kind != DEVMIG_DIGEST_SHA256) {
 		memset(out, 0, 32);
 		devmig_mac_final(&g->mac, out);
 	} else {
@@ -168,9 +203,9 @@ int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev
 	return devmig_stream_enc_begin_keyed(e, desc, expected_size, NULL, out, ctx);
 }
 
-int devmig_stream_enc_begin_keyed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
-				  uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
-				  void *ctx)
+static int enc_begin(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+		     uint64_t expected_size, const uint8_t *key, int kind, devmig_write_fn out,
+		     void *ctx)
 {
 	uint8_t h[DEVMIG_STREAM_HEADER_LEN] = { 0 };
 	int r;
@@ -185,20 +220,39 @@ int devmig_stream_enc_begin_keyed(struct devmig_stream_enc *e, const struct devm
 	put16(h + 14, desc->device_id);
 	memcpy(h + 16, desc->driver, strnlen(desc->driver, sizeof(desc->driver) - 1));
 	put64(h + 48, expected_size);
-	put16(h + H_DIGEST, key ? DEVMIG_DIGEST_MAC : DEVMIG_DIGEST_SHA256);
+	put16(h + H_DIGEST, (uint16_t)kind);
 	/* A fresh nonce per stream: the MAC's one-time key must never serve
 	 * two streams (the same session may stream again after a failure). */
 	if (key && getrandom(h + H_NONCE, 16, 0) != 16)
 		return -EIO;
+	if (kind == DEVMIG_DIGEST_SEALED)
+		key_check(key, h + H_NONCE, h + H_KEYCHECK);
 	put32(h + H_CRC, devmig_crc32c(0, h, H_CRC));
 	if (key) {
-		r = dg_mac(&e->dg, key, h);
+		r = dg_keyed(&e->dg, key, h, kind);
 		if (r < 0)
 			return r;
 	} else {
 		dg_sha(&e->dg);
 	}
 	return out(ctx, h, sizeof(h));
+}
+
+int devmig_stream_enc_begin_keyed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+				  uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
+				  void *ctx)
+{
+	return enc_begin(e, desc, expected_size, key,
+			 key ? DEVMIG_DIGEST_MAC : DEVMIG_DIGEST_SHA256, out, ctx);
+}
+
+int devmig_stream_enc_begin_sealed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+				   uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
+				   void *ctx)
+{
+	if (!key)
+		return -EINVAL;
+	return enc_begin(e, desc, expected_size, key, DEVMIG_DIGEST_SEALED, out, ctx);
 }
 
 static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *buf, size_t len)
@@ -228,15 +282,21 @@ static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *bu
 	return r;
 }
 
-int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t len)
+static int enc_data(struct devmig_stream_enc *e, uint8_t *mut, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
 
-	if (e->done)
+	if (e->done || (e->dg.kind == DEVMIG_DIGEST_SEALED && !mut))
 		return -EINVAL;
 	while (len) {
 		size_t n = len < DEVMIG_STREAM_MAX_FRAME ? len : DEVMIG_STREAM_MAX_FRAME;
-		int r = emit_frame(e, TYPE_DATA, p, n);
+		int r;
+
+		/* Encrypt, then checksum and MAC what goes on the wire. */
+		if (e->dg.kind == DEVMIG_DIGEST_SEALED)
+			devmig_aes256_ctr_xor(&e->dg.aes, seal_iv, e->total, mut + (p - (const uint8_t *)buf),
+					      n);
+		r = emit_frame(e, TYPE_DATA, p, n);
 
 		if (r < 0)
 			return r;
@@ -246,6 +306,16 @@ int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t 
 		len -= n;
 	}
 	return 0;
+}
+
+int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t len)
+{
+	return enc_data(e, NULL, buf, len);
+}
+
+int devmig_stream_enc_data_mut(struct devmig_stream_enc *e, void *buf, size_t len)
+{
+	return enc_data(e, buf, buf, len);
 }
 
 int devmig_stream_enc_finish(struct devmig_stream_enc *e)
@@ -280,6 +350,7 @@ struct devmig_stream_dec {
 	uint64_t total;
 	struct devmig_digest dg;
 	bool keyed;
+	int want_kind; /* DEVMIG_DIGEST_*: the only kind this decoder takes */
 	uint8_t key[DEVMIG_STREAM_KEY_LEN];
 	int err;
 	const char *why;
@@ -291,8 +362,8 @@ int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn 
 	return devmig_stream_dec_new_keyed(want, NULL, fn, ctx, out);
 }
 
-int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_t *key,
-				devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out)
+static int dec_new(const struct devmig_dev_desc *want, const uint8_t *key, int kind,
+		   devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out)
 {
 	struct devmig_stream_dec *d = calloc(1, sizeof(*d));
 
@@ -311,6 +382,7 @@ int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_
 		d->keyed = true;
 		memcpy(d->key, key, sizeof(d->key));
 	}
+	d->want_kind = kind;
 	d->fn = fn;
 	d->ctx = ctx;
 	d->why = "";
@@ -318,11 +390,28 @@ int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_
 	return 0;
 }
 
+int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_t *key,
+				devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out)
+{
+	return dec_new(want, key, key ? DEVMIG_DIGEST_MAC : DEVMIG_DIGEST_SHA256, fn, ctx, out);
+}
+
+int devmig_stream_dec_new_sealed(const struct devmig_dev_desc *want, const uint8_t *key,
+				 devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out)
+{
+	if (!key)
+		return -EINVAL;
+	if (!devmig_aes256_available())
+		return -ENOTSUP;
+	return dec_new(want, key, DEVMIG_DIGEST_SEALED, fn, ctx, out);
+}
+
 void devmig_stream_dec_free(struct devmig_stream_dec *dec)
 {
 	if (!dec)
 		return;
 	memset(dec->key, 0, sizeof(dec->key));
+	memset(&dec->dg.aes, 0, sizeof(dec->dg.aes));
 	free(dec->payload);
 	free(dec);
 }
@@ -338,6 +427,7 @@ static int fail(struct devmig_stream_dec *d, int err, const char *why)
 static int header_done(struct devmig_stream_dec *d)
 {
 	const uint8_t *h = d->hdr;
+	uint8_t check[16];
 
 	if (memcmp(h, MAGIC, 8) != 0)
 		return fail(d, -EPROTO, "not a devmig stream (bad magic)");
@@ -357,15 +447,27 @@ static int header_done(struct devmig_stream_dec *d)
 	    (d->got.vendor_id != d->want.vendor_id || d->got.device_id != d->want.device_id ||
 	     strncmp(d->got.driver, d->want.driver, sizeof(d->got.driver)) != 0))
 		return fail(d, -EXDEV, "stream is from a different kind of device");
+	/* Exactly the kind asked for: a stream cannot talk its receiver down
+	 * from sealed to MAC only, or from the MAC to an unkeyed digest. */
 	switch (get16(h + H_DIGEST)) {
+	case DEVMIG_DIGEST_SEALED:
+		if (d->want_kind != DEVMIG_DIGEST_SEALED)
+			return fail(d, -EBADMSG, "a sealed (encrypted) stream, and this receiver did not ask for one");
+		key_check(d->key, h + H_NONCE, check);
+		if (!equal_ct(check, h + H_KEYCHECK, sizeof(check)))
+			return fail(d, -EBADMSG, "a stream sealed under another key");
+		if (dg_keyed(&d->dg, d->key, h, DEVMIG_DIGEST_SEALED) < 0)
+			return fail(d, -EBADMSG, "cannot set up the stream cipher and MAC");
+		break;
 	case DEVMIG_DIGEST_MAC:
-		if (!d->keyed)
-			return fail(d, -EBADMSG, "a keyed (MAC) stream, and this receiver has no key");
-		if (dg_mac(&d->dg, d->key, h) < 0)
+		if (d->want_kind != DEVMIG_DIGEST_MAC)
+			return fail(d, -EBADMSG, d->keyed ? "a MAC-only stream, and this receiver needs it sealed"
+							  : "a keyed (MAC) stream, and this receiver has no key");
+		if (dg_keyed(&d->dg, d->key, h, DEVMIG_DIGEST_MAC) < 0)
 			return fail(d, -EBADMSG, "cannot set up the stream MAC");
 		break;
 	case DEVMIG_DIGEST_SHA256:
-		if (d->keyed)
+		if (d->want_kind != DEVMIG_DIGEST_SHA256)
 			return fail(d, -EBADMSG, "an unkeyed (SHA-256) stream, and this receiver needs the MAC");
 		dg_sha(&d->dg);
 		break;
@@ -407,13 +509,17 @@ static int frame_done(struct devmig_stream_dec *d)
 		if (get64(d->payload) != d->total)
 			return fail(d, -EBADMSG, "trailer length does not match the payload");
 		if (!equal_ct(d->payload + 8, digest, 32))
-			return fail(d, -EBADMSG, d->dg.kind == DEVMIG_DIGEST_MAC
+			return fail(d, -EBADMSG, d->dg.kind != DEVMIG_DIGEST_SHA256
 							 ? "trailer MAC does not match the payload (changed, or another key)"
 							 : "trailer digest does not match the payload");
 		d->st = D_DONE;
 		return 0;
 	}
 	dg_update(&d->dg, d->payload, d->len);
+	/* Checked as it came; decrypted for the device (which still gets it
+	 * before the trailer verifies, and is reset if it then does not). */
+	if (d->dg.kind == DEVMIG_DIGEST_SEALED)
+		devmig_aes256_ctr_xor(&d->dg.aes, seal_iv, d->total, d->payload, d->len);
 	d->total += d->len;
 	if (d->fn && d->len) {
 		r = d->fn(d->ctx, d->payload, d->len);
@@ -588,8 +694,25 @@ int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *receiv
 	return devmig_stream_load_keyed(d, in_fd, received, NULL);
 }
 
+static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8_t *key,
+		bool sealed);
+
 int devmig_stream_load_keyed(struct devmig_dev *d, int in_fd, uint64_t *received,
 			     const uint8_t *key)
+{
+	return load(d, in_fd, received, key, false);
+}
+
+int devmig_stream_load_sealed(struct devmig_dev *d, int in_fd, uint64_t *received,
+			      const uint8_t *key)
+{
+	if (!key)
+		return -EINVAL;
+	return load(d, in_fd, received, key, true);
+}
+
+static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8_t *key,
+		bool sealed)
 {
 	struct load_sink ls = { .d = d, .received = received };
 	struct devmig_stream_dec *dec;
@@ -604,7 +727,8 @@ int devmig_stream_load_keyed(struct devmig_dev *d, int in_fd, uint64_t *received
 	buf = malloc(LOAD_TAIL);
 	if (!buf)
 		return -ENOMEM;
-	r = devmig_stream_dec_new_keyed(&d->desc, key, dev_sink, &ls, &dec);
+	r = sealed ? devmig_stream_dec_new_sealed(&d->desc, key, dev_sink, &ls, &dec)
+		   : devmig_stream_dec_new_keyed(&d->desc, key, dev_sink, &ls, &dec);
 	if (r < 0) {
 		free(buf);
 		return r;

@@ -159,3 +159,75 @@ def test_a_header_asking_for_a_huge_bitmap_is_refused_before_allocating() -> Non
     enc[16:24] = (1 << 40).to_bytes(8, "little")
     with pytest.raises(ValueError, match="more than the 2"):
         dn.bitmap_decode(bytes(enc))
+
+
+def _impls() -> list[dn.BitmapImpl]:
+    """The encoder implementations this CPU has (the portable one always)."""
+    have = []
+    for impl in dn.BitmapImpl:
+        try:
+            dn.bitmap_encode(bytearray(8), 64, 4096, impl)
+        except OSError:
+            continue
+        have.append(impl)
+    return have
+
+
+# Runs of 1 to 8 pages with gaps drawn around the sizes the vector encoder
+# treats apart: a byte's 8 pages, 8 words' 512, a two-byte varint's 2^14.
+dense_shapes = st.tuples(
+    st.integers(min_value=1, max_value=3 * BLOCK + 77),
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 3, 7, 8, 9, 60, 500, 513, 16383, 16384, 16385]),
+            st.integers(min_value=1, max_value=8),
+        ),
+        max_size=600,
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(dense_shapes, st.randoms(use_true_random=False))
+def test_every_encoder_implementation_writes_the_same_bytes(
+    shape: tuple[int, list[tuple[int, int]]], rnd: random.Random
+) -> None:
+    npages, steps = shape
+    pages: set[int] = set()
+    p = rnd.randrange(npages)
+    for gap, length in steps:
+        p += gap
+        pages.update(range(p, min(p + length, npages)))
+        p += length
+        if p >= npages:
+            p = rnd.randrange(npages)
+    bm = bitmap_of(pages, npages)
+    ref = dn.bitmap_encode(bm, npages, 4096, dn.BitmapImpl.PORTABLE)
+    for impl in _impls():
+        assert dn.bitmap_encode(bm, npages, 4096, impl) == ref, f"{impl.name} differs"
+    assert dn.bitmap_decode(ref)[2] == bm
+
+
+def test_an_implementation_this_cpu_lacks_is_refused_as_not_supported() -> None:
+    with pytest.raises(OSError) as e:
+        dn.bitmap_encode(bytearray(8), 64, 4096, 99)
+    assert e.value.errno == 95  # ENOTSUP
+    assert dn.bitmap_impl() in ("avx512-vbmi2", "popcnt-bmi", "portable")
+
+
+def test_the_cpu_s_own_encoder_is_used_when_it_has_one() -> None:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    need_512 = {"avx512f", "avx512bw", "avx512_vpopcntdq", "avx512vbmi", "avx512_vbmi2"}
+    need_512 |= {"avx512_bitalg", "bmi2", "popcnt", "bmi1"}
+    if need_512 <= flags:
+        assert dn.bitmap_impl() == "avx512-vbmi2"
+        assert dn.BitmapImpl.X86_512 in _impls()
+    elif {"popcnt", "bmi1"} <= flags:
+        assert dn.bitmap_impl() == "popcnt-bmi"
+    else:
+        assert dn.bitmap_impl() == "portable"

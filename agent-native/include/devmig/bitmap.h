@@ -79,6 +79,20 @@ uint64_t devmig_bitmap_encode_bound(uint64_t npages);
 long devmig_bitmap_encode(const uint64_t *bm, uint64_t npages, uint32_t page_size, void *out,
 			  size_t cap);
 
+/* The encoder's implementations; every one writes the same bytes. */
+enum devmig_bitmap_impl {
+	DEVMIG_BITMAP_IMPL_AUTO = 0,     /* the fastest this CPU has */
+	DEVMIG_BITMAP_IMPL_PORTABLE = 1, /* plain C */
+	DEVMIG_BITMAP_IMPL_X86 = 2,      /* POPCNT and BMI (x86-64 since about 2013) */
+	DEVMIG_BITMAP_IMPL_X86_512 = 3,  /* AVX-512 with VBMI2, BITALG and VPOPCNTDQ */
+};
+/* As devmig_bitmap_encode with a given implementation; -ENOTSUP when this
+ * CPU lacks it. */
+long devmig_bitmap_encode_impl(int impl, const uint64_t *bm, uint64_t npages, uint32_t page_size,
+			       void *out, size_t cap);
+/* The implementation devmig_bitmap_encode uses here, for logs and benchmarks. */
+const char *devmig_bitmap_impl_name(void);
+
 struct devmig_bitmap_header {
 	uint32_t page_size;
 	uint64_t npages;

@@ -49,6 +49,10 @@ int devmig_pump_start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
  * bytes, copied; NULL: SHA-256): see stream.h. */
 int devmig_pump_start_keyed(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 			    uint32_t round_interval_ms, const uint8_t *key, struct devmig_pump **out);
+/* As devmig_pump_start_keyed, the stream sealed (encrypted and MACed) under
+ * key; -ENOTSUP without AES-NI. */
+int devmig_pump_start_sealed(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
+			     uint32_t round_interval_ms, const uint8_t *key, struct devmig_pump **out);
 void devmig_pump_progress(struct devmig_pump *p, struct devmig_pump_progress *out);
 /* PRE_COPY -> PRE_COPY_P2P, carried out by the pump thread. */
 int devmig_pump_quiesce_p2p(struct devmig_pump *p);

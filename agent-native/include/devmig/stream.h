@@ -2,7 +2,8 @@
  *
  *   header  (96 bytes)  "DEVMIGST", version 2, the source device (vendor,
  *                       device, driver), the expected size, the digest
- *                       (SHA-256 or the keyed MAC), the MAC's nonce, CRC32C
+ *                       (SHA-256, the keyed MAC, or sealed), the MAC's
+ *                       nonce, the key check (sealed), CRC32C
  *   frames  (20 + len)  type DATA, payload length, sequence number from 0,
  *                       CRC32C over the frame header and payload
  *   trailer (20 + 40)   type TRAILER, next sequence number, total payload
@@ -20,10 +21,21 @@
  * SHA-256, a stream cannot be forged without the key; at a fraction of
  * SHA-256's cost. Streams without a key (files: `devmig-native save`) carry
  * SHA-256. A decoder given a key accepts only MAC streams, one without a
- * key only SHA-256 streams: neither can be talked down to the other. */
+ * key only SHA-256 streams: neither can be talked down to the other.
+ *
+ * Sealed streams (digest 3) also encrypt the payload, AES-256-CTR under
+ * HMAC-SHA-256(key, "devmig stream enc v1" || nonce) with a zero IV and the
+ * counter from 0 (a fresh key per stream), and carry a key check in the
+ * header (16 bytes of HMAC-SHA-256(key, "devmig stream key check v1" ||
+ * nonce)) so that a receiver with another key refuses at the header. The
+ * frame CRCs and the MAC cover the ciphertext (encrypt-then-MAC). A sealed
+ * decoder accepts only sealed streams. For TLS deployments: the agents agree
+ * the key over mutual TLS, then move the stream off TLS onto the native
+ * pump. */
 #ifndef DEVMIG_STREAM_H
 #define DEVMIG_STREAM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -40,6 +52,9 @@ extern "C" {
 /* The header's digest field. */
 #define DEVMIG_DIGEST_SHA256 1
 #define DEVMIG_DIGEST_MAC 2
+/* The MAC, over payload encrypted with AES-256-CTR ("sealed"): for TLS
+ * deployments, where the key is a secret both agents agreed over TLS. */
+#define DEVMIG_DIGEST_SEALED 3
 #define DEVMIG_STREAM_KEY_LEN 32
 #define DEVMIG_STREAM_FRAME_HDR_LEN 20
 #define DEVMIG_STREAM_TRAILER_LEN 40
@@ -115,11 +130,30 @@ int devmig_mac_init(struct devmig_mac *m, const uint8_t key[32], const uint8_t n
 void devmig_mac_update(struct devmig_mac *m, const void *buf, size_t len);
 void devmig_mac_final(struct devmig_mac *m, uint8_t tag[16]);
 
-/* The trailer's digest: SHA-256, or the MAC when a key is given. */
+/* AES-256 in counter mode (aes.c), with the CPU's AES instructions only:
+ * init gives -ENOTSUP without them (AUTO: VAES where present, else
+ * AES-NI; X86: AES-NI; X86_512: VAES). */
+struct devmig_aes256 {
+	uint8_t rk[15][16]; /* the round keys */
+	int impl;           /* 0 until initialised */
+};
+int devmig_aes256_init_impl(struct devmig_aes256 *a, const uint8_t key[32], int impl);
+/* Whether this CPU has AES-NI, which sealed streams need. */
+bool devmig_aes256_available(void);
+/* "vaes", "aes-ni" or "none". */
+const char *devmig_aes_impl_name(void);
+/* XOR len bytes at buf with the keystream from byte offset on, counter
+ * blocks iv || BE64(block index): encrypts and decrypts alike. */
+void devmig_aes256_ctr_xor(const struct devmig_aes256 *a, const uint8_t iv[8], uint64_t offset,
+			   void *buf, size_t len);
+
+/* The trailer's digest: SHA-256, or the MAC when a key is given; and for
+ * a sealed stream the payload's cipher. */
 struct devmig_digest {
 	int kind; /* DEVMIG_DIGEST_* */
 	struct devmig_sha256 sha;
 	struct devmig_mac mac;
+	struct devmig_aes256 aes;
 };
 
 /* Byte sink for the encoder: write all of buf or return -errno. */
@@ -143,8 +177,16 @@ int devmig_stream_enc_begin(struct devmig_stream_enc *e, const struct devmig_dev
 int devmig_stream_enc_begin_keyed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
 				  uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
 				  void *ctx);
-/* Frame buf (split at DEVMIG_STREAM_MAX_FRAME). */
+/* A sealed stream: the payload encrypted (AES-256-CTR) and MACed, both
+ * under keys derived from key and a fresh nonce. -ENOTSUP without AES-NI. */
+int devmig_stream_enc_begin_sealed(struct devmig_stream_enc *e, const struct devmig_dev_desc *desc,
+				   uint64_t expected_size, const uint8_t *key, devmig_write_fn out,
+				   void *ctx);
+/* Frame buf (split at DEVMIG_STREAM_MAX_FRAME). -EINVAL on a sealed
+ * stream, which encrypts in place: use devmig_stream_enc_data_mut. */
 int devmig_stream_enc_data(struct devmig_stream_enc *e, const void *buf, size_t len);
+/* As devmig_stream_enc_data; a sealed stream encrypts buf in place. */
+int devmig_stream_enc_data_mut(struct devmig_stream_enc *e, void *buf, size_t len);
 int devmig_stream_enc_finish(struct devmig_stream_enc *e);
 
 /* Verified payload goes here, in order; returns 0 or -errno. */
@@ -159,6 +201,10 @@ int devmig_stream_dec_new(const struct devmig_dev_desc *want, devmig_payload_fn 
  * accepts only SHA-256 streams. */
 int devmig_stream_dec_new_keyed(const struct devmig_dev_desc *want, const uint8_t *key,
 				devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out);
+/* Only a sealed stream under key verifies; its payload reaches fn
+ * decrypted (and, like any payload, before the trailer has verified). */
+int devmig_stream_dec_new_sealed(const struct devmig_dev_desc *want, const uint8_t *key,
+				 devmig_payload_fn fn, void *ctx, struct devmig_stream_dec **out);
 void devmig_stream_dec_free(struct devmig_stream_dec *dec);
 /* Feed any number of bytes. Errors stick: once refused, every later call
  * returns the same -errno.
@@ -198,6 +244,9 @@ int devmig_stream_load_counted(struct devmig_dev *d, int in_fd, uint64_t *receiv
 /* As devmig_stream_load_counted for a stream keyed with key (NULL: SHA-256). */
 int devmig_stream_load_keyed(struct devmig_dev *d, int in_fd, uint64_t *received,
 			     const uint8_t *key);
+/* As devmig_stream_load_keyed for a sealed stream. */
+int devmig_stream_load_sealed(struct devmig_dev *d, int in_fd, uint64_t *received,
+			      const uint8_t *key);
 
 #ifdef __cplusplus
 }

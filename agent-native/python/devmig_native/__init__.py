@@ -20,6 +20,7 @@ from devmig_native import _native
 __all__ = [
     "STREAM_KEY_LEN",
     "BarStats",
+    "BitmapImpl",
     "ChecksumImpl",
     "Device",
     "DevmigError",
@@ -35,11 +36,14 @@ __all__ = [
     "SimStats",
     "StreamError",
     "VfioHandle",
+    "aes256_ctr",
+    "aes_impl",
     "bitmap_count",
     "bitmap_decode",
     "bitmap_encode",
     "bitmap_encode_bound",
     "bitmap_encode_into",
+    "bitmap_impl",
     "bitmap_or",
     "bitmap_ranges",
     "crc32c",
@@ -131,6 +135,25 @@ def ghash(h: bytes, data: bytes | bytearray | memoryview, impl: int = ChecksumIm
     return bytes(_native.ghash(h, data, int(impl)))
 
 
+def aes256_ctr(
+    key: bytes,
+    iv: bytes,
+    offset: int,
+    data: bytes | bytearray | memoryview,
+    impl: int = ChecksumImpl.AUTO,
+) -> bytes:
+    """``data`` XOR AES-256-CTR's keystream from byte ``offset`` on, counter
+    blocks ``iv`` (8 bytes) || the block index big-endian: how a sealed
+    stream's payload is encrypted. OSError(ENOTSUP) without AES-NI (or,
+    for ``X86_512``, VAES)."""
+    return bytes(_native.aes256_ctr(key, iv, offset, data, int(impl)))
+
+
+def aes_impl() -> str:
+    """ "vaes", "aes-ni", or "none" (then streams cannot be sealed)."""
+    return str(_native.aes_impl())
+
+
 def hmac_sha256(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """HMAC-SHA-256, as the stream's MAC derives its one-time key."""
     return bytes(_native.hmac_sha256(key, data))
@@ -184,10 +207,28 @@ def bitmap_or(dst: bytearray | memoryview, src: Bitmap) -> None:
     _native.bitmap_or(dst, src)
 
 
-def bitmap_encode(bitmap: Bitmap, npages: int, page_size: int = 4096) -> bytes:
+class BitmapImpl(enum.IntEnum):
+    """Implementations of the bitmap encoder (C enum devmig_bitmap_impl);
+    every one writes the same bytes."""
+
+    AUTO = 0  # the fastest this CPU has
+    PORTABLE = 1  # plain C
+    X86 = 2  # POPCNT and BMI
+    X86_512 = 3  # AVX-512 with VBMI2, BITALG and VPOPCNTDQ
+
+
+def bitmap_encode(
+    bitmap: Bitmap, npages: int, page_size: int = 4096, impl: int = BitmapImpl.AUTO
+) -> bytes:
     """devmig's compact, versioned encoding (DMDB v1) of a dirty bitmap.
-    ValueError for a bad page size or a bit set at or beyond ``npages``."""
-    return _native.bitmap_encode(bitmap, npages, page_size)
+    ValueError for a bad page size or a bit set at or beyond ``npages``;
+    OSError(ENOTSUP) when this CPU lacks ``impl``."""
+    return _native.bitmap_encode(bitmap, npages, page_size, int(impl))
+
+
+def bitmap_impl() -> str:
+    """The encoder implementation this CPU uses (for logs and benchmarks)."""
+    return str(_native.bitmap_impl())
 
 
 def bitmap_encode_bound(npages: int) -> int:
@@ -197,12 +238,16 @@ def bitmap_encode_bound(npages: int) -> int:
 
 
 def bitmap_encode_into(
-    bitmap: Bitmap, npages: int, out: bytearray | memoryview, page_size: int = 4096
+    bitmap: Bitmap,
+    npages: int,
+    out: bytearray | memoryview,
+    page_size: int = 4096,
+    impl: int = BitmapImpl.AUTO,
 ) -> int:
     """bitmap_encode into a caller's buffer (reused across reports, no
     allocation); returns the encoded length. ValueError when ``out`` is
     short (bitmap_encode_bound always suffices)."""
-    return int(_native.bitmap_encode_into(bitmap, npages, out, page_size))
+    return int(_native.bitmap_encode_into(bitmap, npages, out, page_size, int(impl)))
 
 
 def bitmap_decode(
@@ -419,14 +464,19 @@ class Device:
         return self._h.send_stream(fd)
 
     def receive_stream(
-        self, fd: int, counter: LoadCounter | None = None, mac_key: bytes | None = None
+        self,
+        fd: int,
+        counter: LoadCounter | None = None,
+        mac_key: bytes | None = None,
+        seal: bool = False,
     ) -> None:
         """As load_stream, from an open fd, until its end of file. With a
         ``counter``, the payload bytes loaded so far can be read from another
         thread while this runs (the target's progress). With ``mac_key``
-        (STREAM_KEY_LEN bytes) only a stream keyed with it verifies; without,
-        only a SHA-256 stream (see stream.h)."""
-        self._h.receive_stream(fd, counter.buf if counter is not None else None, mac_key)
+        (STREAM_KEY_LEN bytes) only a stream keyed with it verifies, and with
+        ``seal`` too only a sealed (encrypted) one; without, only a SHA-256
+        stream (see stream.h)."""
+        self._h.receive_stream(fd, counter.buf if counter is not None else None, mac_key, seal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +508,9 @@ class Pump:
     pre-copy temporary end before asking the device again. A pump blocked
     on a full socket is freed by shutting the socket down after
     :meth:`cancel`. ``mac_key`` (STREAM_KEY_LEN bytes) keys the stream's
-    MAC; without one the trailer carries SHA-256 (see stream.h).
+    MAC; without one the trailer carries SHA-256 (see stream.h). ``seal``
+    also encrypts the payload (AES-256-CTR under a key derived from
+    ``mac_key``); OSError(ENOTSUP) without AES-NI (see :func:`aes_impl`).
     """
 
     def __init__(
@@ -468,8 +520,9 @@ class Pump:
         bandwidth_bps: int = 0,
         round_interval_ms: int = 50,
         mac_key: bytes | None = None,
+        seal: bool = False,
     ) -> None:
-        self._p = _native.Pump(device._h, fd, bandwidth_bps, round_interval_ms, mac_key)
+        self._p = _native.Pump(device._h, fd, bandwidth_bps, round_interval_ms, mac_key, seal)
 
     def progress(self) -> PumpProgress:
         d = dict(self._p.progress())

@@ -137,6 +137,52 @@ static PyObject *py_ghash(PyObject *self, PyObject *args)
 	return PyBytes_FromStringAndSize((const char *)out, 16);
 }
 
+/* aes256_ctr(key, iv, offset, data, impl=0) -> data XOR the keystream
+ * from byte offset on (counter blocks iv || BE64(block)). */
+static PyObject *py_aes256_ctr(PyObject *self, PyObject *args)
+{
+	Py_buffer k, iv, b;
+	unsigned long long offset;
+	int impl = DEVMIG_IMPL_AUTO, r;
+	struct devmig_aes256 a;
+	PyObject *out;
+
+	(void)self;
+	if (!PyArg_ParseTuple(args, "y*y*Ky*|i", &k, &iv, &offset, &b, &impl))
+		return NULL;
+	if (k.len != 32 || iv.len != 8) {
+		PyErr_SetString(PyExc_ValueError, "key: 32 bytes, iv: 8 bytes");
+		out = NULL;
+		goto done;
+	}
+	r = devmig_aes256_init_impl(&a, k.buf, impl);
+	if (r < 0) {
+		errno = -r;
+		out = PyErr_SetFromErrno(PyExc_OSError);
+		goto done;
+	}
+	out = PyBytes_FromStringAndSize(b.buf, b.len);
+	if (out) {
+		char *p = PyBytes_AS_STRING(out);
+
+		Py_BEGIN_ALLOW_THREADS
+		devmig_aes256_ctr_xor(&a, iv.buf, offset, p, (size_t)b.len);
+		Py_END_ALLOW_THREADS
+	}
+done:
+	PyBuffer_Release(&k);
+	PyBuffer_Release(&iv);
+	PyBuffer_Release(&b);
+	return out;
+}
+
+static PyObject *py_aes_impl(PyObject *self, PyObject *args)
+{
+	(void)self;
+	(void)args;
+	return PyUnicode_FromString(devmig_aes_impl_name());
+}
+
 /* hmac_sha256(key, data) -> 32 bytes. */
 static PyObject *py_hmac_sha256(PyObject *self, PyObject *args)
 {
@@ -596,12 +642,16 @@ static PyObject *dev_receive_stream(DeviceObject *self, PyObject *args)
 	Py_buffer cb = { 0 };
 	uint64_t *received = NULL;
 	uint8_t key[DEVMIG_STREAM_KEY_LEN];
-	int fd, r, keyed;
+	int fd, r, keyed, seal = 0;
 
-	if (!PyArg_ParseTuple(args, "O|OO", &fobj, &counter, &keyobj))
+	if (!PyArg_ParseTuple(args, "O|OOp", &fobj, &counter, &keyobj, &seal))
 		return NULL;
 	if (stream_key(keyobj, key, &keyed) < 0)
 		return NULL;
+	if (seal && !keyed) {
+		PyErr_SetString(PyExc_ValueError, "a sealed stream needs mac_key");
+		return NULL;
+	}
 	fd = PyObject_AsFileDescriptor(fobj);
 	if (fd < 0 || !alive(self))
 		return NULL;
@@ -617,7 +667,8 @@ static PyObject *dev_receive_stream(DeviceObject *self, PyObject *args)
 		}
 		received = cb.buf;
 	}
-	LOCKED(self, r = devmig_stream_load_keyed(self->dev, fd, received, keyed ? key : NULL));
+	LOCKED(self, r = seal ? devmig_stream_load_sealed(self->dev, fd, received, key)
+			      : devmig_stream_load_keyed(self->dev, fd, received, keyed ? key : NULL));
 	memset(key, 0, sizeof(key));
 	if (received)
 		PyBuffer_Release(&cb);
@@ -1104,18 +1155,23 @@ static void pump_release(PumpObject *self)
 
 static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "device", "fd", "bandwidth_bps", "round_interval_ms", "mac_key", NULL };
+	static char *kwlist[] = { "device",  "fd",   "bandwidth_bps", "round_interval_ms",
+				  "mac_key", "seal", NULL };
 	PyObject *devobj, *fdobj, *keyobj = Py_None;
 	unsigned long long bw = 0;
 	unsigned int interval = 50;
 	uint8_t key[DEVMIG_STREAM_KEY_LEN];
-	int fd, r, keyed;
+	int fd, r, keyed, seal = 0;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|KIO", kwlist, &DeviceType, &devobj, &fdobj,
-					 &bw, &interval, &keyobj))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|KIOp", kwlist, &DeviceType, &devobj, &fdobj,
+					 &bw, &interval, &keyobj, &seal))
 		return NULL;
 	if (stream_key(keyobj, key, &keyed) < 0)
 		return NULL;
+	if (seal && !keyed) {
+		PyErr_SetString(PyExc_ValueError, "a sealed stream needs mac_key");
+		return NULL;
+	}
 	fd = PyObject_AsFileDescriptor(fdobj);
 	if (fd < 0 || !alive((DeviceObject *)devobj))
 		return NULL;
@@ -1125,7 +1181,9 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 	self->dev = (DeviceObject *)devobj;
 	Py_INCREF(devobj);
 	Py_BEGIN_ALLOW_THREADS PyThread_acquire_lock(self->dev->lock, WAIT_LOCK);
-	r = devmig_pump_start_keyed(self->dev->dev, fd, bw, interval, keyed ? key : NULL, &self->p);
+	r = seal ? devmig_pump_start_sealed(self->dev->dev, fd, bw, interval, key, &self->p)
+		 : devmig_pump_start_keyed(self->dev->dev, fd, bw, interval, keyed ? key : NULL,
+					   &self->p);
 	memset(key, 0, sizeof(key));
 	if (r < 0)
 		PyThread_release_lock(self->dev->lock);
@@ -1275,6 +1333,9 @@ static PyMethodDef methods[] = {
 	{ "sha256", py_sha256, METH_VARARGS, "sha256(data, impl=0) -> SHA-256 digest." },
 	{ "ghash", py_ghash, METH_VARARGS, "ghash(h, data, impl=0) -> GHASH with GCM's length block." },
 	{ "hmac_sha256", py_hmac_sha256, METH_VARARGS, "hmac_sha256(key, data) -> HMAC-SHA-256." },
+	{ "aes256_ctr", py_aes256_ctr, METH_VARARGS,
+	  "aes256_ctr(key, iv, offset, data, impl=0) -> data XOR the AES-256-CTR keystream." },
+	{ "aes_impl", py_aes_impl, METH_NOARGS, "aes_impl() -> 'vaes', 'aes-ni' or 'none'." },
 	{ "crypto_impls", py_crypto_impls, METH_NOARGS, "The checksum implementations in use." },
 	{ "state_name", py_state_name, METH_O, "Kernel name of a VFIO migration state value." },
 	{ "state_from_name", py_state_from_name, METH_O, "Value of a VFIO migration state name." },

@@ -113,18 +113,38 @@ static PyObject *bm_or(PyObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+/* ENOTSUP (an implementation this CPU lacks) as OSError, like the
+ * checksums; bad input as ValueError. */
+static PyObject *encode_error(long n)
+{
+	if (n == -ENOTSUP) {
+		errno = ENOTSUP;
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	return PyErr_Format(PyExc_ValueError, "cannot encode the bitmap: %s%s", strerror((int)-n),
+			    n == -EINVAL ? " (bad page size, or a bit beyond the page count)" : "");
+}
+
+static PyObject *bm_impl(PyObject *self, PyObject *unused)
+{
+	(void)self;
+	(void)unused;
+	return PyUnicode_FromString(devmig_bitmap_impl_name());
+}
+
 static PyObject *bm_encode(PyObject *self, PyObject *args)
 {
 	PyObject *obj, *out;
 	unsigned long long npages;
 	unsigned int page_size = 4096;
+	int impl = DEVMIG_BITMAP_IMPL_AUTO;
 	Py_buffer v;
 	uint64_t bound;
 	long n;
 	void *buf;
 
 	(void)self;
-	if (!PyArg_ParseTuple(args, "OK|I", &obj, &npages, &page_size) ||
+	if (!PyArg_ParseTuple(args, "OK|Ii", &obj, &npages, &page_size, &impl) ||
 	    get_bitmap(obj, &v, npages, 0) < 0)
 		return NULL;
 	bound = devmig_bitmap_encode_bound(npages);
@@ -134,14 +154,12 @@ static PyObject *bm_encode(PyObject *self, PyObject *args)
 		return PyErr_NoMemory();
 	}
 	Py_BEGIN_ALLOW_THREADS
-	n = devmig_bitmap_encode(v.buf, npages, page_size, buf, bound);
+	n = devmig_bitmap_encode_impl(impl, v.buf, npages, page_size, buf, bound);
 	Py_END_ALLOW_THREADS
 	PyBuffer_Release(&v);
 	if (n < 0) {
 		free(buf);
-		errno = (int)-n;
-		return PyErr_Format(PyExc_ValueError, "cannot encode the bitmap: %s%s", strerror((int)-n),
-				    n == -EINVAL ? " (bad page size, or a bit beyond the page count)" : "");
+		return encode_error(n);
 	}
 	out = PyBytes_FromStringAndSize(buf, n);
 	free(buf);
@@ -153,11 +171,12 @@ static PyObject *bm_encode_into(PyObject *self, PyObject *args)
 	PyObject *obj, *out_obj;
 	unsigned long long npages;
 	unsigned int page_size = 4096;
+	int impl = DEVMIG_BITMAP_IMPL_AUTO;
 	Py_buffer v, out;
 	long n;
 
 	(void)self;
-	if (!PyArg_ParseTuple(args, "OKO|I", &obj, &npages, &out_obj, &page_size) ||
+	if (!PyArg_ParseTuple(args, "OKO|Ii", &obj, &npages, &out_obj, &page_size, &impl) ||
 	    get_bitmap(obj, &v, npages, 0) < 0)
 		return NULL;
 	if (PyObject_GetBuffer(out_obj, &out, PyBUF_SIMPLE | PyBUF_WRITABLE) < 0) {
@@ -165,13 +184,12 @@ static PyObject *bm_encode_into(PyObject *self, PyObject *args)
 		return NULL;
 	}
 	Py_BEGIN_ALLOW_THREADS
-	n = devmig_bitmap_encode(v.buf, npages, page_size, out.buf, (size_t)out.len);
+	n = devmig_bitmap_encode_impl(impl, v.buf, npages, page_size, out.buf, (size_t)out.len);
 	Py_END_ALLOW_THREADS
 	PyBuffer_Release(&out);
 	PyBuffer_Release(&v);
 	if (n < 0)
-		return PyErr_Format(PyExc_ValueError, "cannot encode the bitmap: %s%s", strerror((int)-n),
-				    n == -EINVAL ? " (bad page size, or a bit beyond the page count)" : "");
+		return encode_error(n);
 	return PyLong_FromLong(n);
 }
 
@@ -246,9 +264,11 @@ PyMethodDef devmig_py_bitmap_methods[] = {
 	  "bitmap_ranges(bitmap, npages) -> [(first_page, count), ...]." },
 	{ "bitmap_or", bm_or, METH_VARARGS, "bitmap_or(dst, src): dst |= src." },
 	{ "bitmap_encode", bm_encode, METH_VARARGS,
-	  "bitmap_encode(bitmap, npages, page_size=4096) -> bytes (devmig's DMDB encoding)." },
+	  "bitmap_encode(bitmap, npages, page_size=4096, impl=0) -> bytes (devmig's DMDB encoding)." },
 	{ "bitmap_encode_into", bm_encode_into, METH_VARARGS,
-	  "bitmap_encode_into(bitmap, npages, out, page_size=4096) -> bytes written into out." },
+	  "bitmap_encode_into(bitmap, npages, out, page_size=4096, impl=0) -> bytes written into out." },
+	{ "bitmap_impl", bm_impl, METH_NOARGS,
+	  "bitmap_impl() -> the encoder implementation this CPU uses." },
 	{ "bitmap_encode_bound", bm_encode_bound, METH_O,
 	  "bitmap_encode_bound(npages) -> the largest encoding of npages." },
 	{ "bitmap_decode", bm_decode, METH_VARARGS,

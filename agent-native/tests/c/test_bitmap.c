@@ -270,6 +270,99 @@ static void decode_merges(void)
 	CHECK(into[0] == 0x33);
 }
 
+/* Every implementation this CPU has writes the same bytes as the portable
+ * one; the shapes reach each path of the vector encoder: bytes with one to
+ * eight edges, 8 words with more than 16 bytes that hold edges, gaps of
+ * 2^14 pages and more (three-byte varints), runs open at a block's end,
+ * short last blocks, and blocks on both sides of the RUNS/LITERAL line. */
+static void same_bytes(const uint64_t *bm, uint64_t npages, const char *what)
+{
+	uint64_t bound = devmig_bitmap_encode_bound(npages);
+	uint8_t *ref = malloc(bound), *got = malloc(bound);
+	long nref = devmig_bitmap_encode_impl(DEVMIG_BITMAP_IMPL_PORTABLE, bm, npages, 4096, ref,
+					      bound);
+
+	CHECK(nref > 0);
+	for (int impl = DEVMIG_BITMAP_IMPL_X86; impl <= DEVMIG_BITMAP_IMPL_X86_512; impl++) {
+		long n = devmig_bitmap_encode_impl(impl, bm, npages, 4096, got, bound);
+
+		if (n == -ENOTSUP)
+			continue;
+		if (n != nref || memcmp(ref, got, (size_t)nref) != 0) {
+			fprintf(stderr, "impl %d differs from portable on %s (%ld vs %ld bytes)\n",
+				impl, what, n, nref);
+			CHECK(0);
+		}
+	}
+	CHECK(devmig_bitmap_encode_impl(99, bm, npages, 4096, got, bound) == -ENOTSUP);
+	free(ref);
+	free(got);
+}
+
+static void every_implementation_writes_the_same_bytes(void)
+{
+	const uint64_t npages = 3 * DEVMIG_BITMAP_BLOCK_PAGES + 777;
+	const uint64_t nw = devmig_bitmap_words(npages);
+	/* parts per million of pages dirty, around 1% and the RUNS limit
+	 * (about 2%) */
+	static const uint32_t ppm[] = { 0, 50, 1000, 5000, 10000, 15000, 20000, 25000, 100000, 500000 };
+	uint64_t *bm = calloc(nw, 8);
+	char what[64];
+
+	for (size_t d = 0; d < sizeof(ppm) / sizeof(ppm[0]); d++) {
+		for (int rep = 0; rep < 3; rep++) {
+			memset(bm, 0, nw * 8);
+			for (uint64_t p = 0; p < npages; p++)
+				if (next_rand() % 1000000 < ppm[d])
+					set_bit(bm, p);
+			snprintf(what, sizeof(what), "%u ppm", ppm[d]);
+			same_bytes(bm, npages, what);
+		}
+	}
+	/* Every byte value at sparse spots: one to eight edges in a byte. */
+	for (unsigned v = 1; v < 256; v++) {
+		memset(bm, 0, nw * 8);
+		for (uint64_t at = 5; at + 1 < nw; at += 37 + (next_rand() % 50))
+			bm[at] = (uint64_t)v << (8 * (next_rand() % 8));
+		snprintf(what, sizeof(what), "byte 0x%02x", v);
+		same_bytes(bm, npages, what);
+	}
+	/* Every 8th page: 64 bytes with an edge pair in 8 words, few runs. */
+	memset(bm, 0, nw * 8);
+	for (uint64_t p = 100; p < 100 + 8 * 600; p += 8)
+		set_bit(bm, p);
+	same_bytes(bm, npages, "every 8th page");
+	/* Gaps of 2^14 and more, runs open at each block's end, a run from a
+	 * block's first page, long runs across words and 16-word groups. */
+	memset(bm, 0, nw * 8);
+	for (uint64_t b = 0; b < 3; b++) {
+		uint64_t base = b * DEVMIG_BITMAP_BLOCK_PAGES;
+
+		set_bit(bm, base);
+		set_bit(bm, base + 16385);
+		set_bit(bm, base + 30000);
+		for (uint64_t p = base + 1000; p < base + 3100; p++)
+			set_bit(bm, p);
+		for (uint64_t p = base + DEVMIG_BITMAP_BLOCK_PAGES - 70;
+		     p < base + DEVMIG_BITMAP_BLOCK_PAGES; p++)
+			set_bit(bm, p);
+	}
+	for (uint64_t p = npages - 5; p < npages; p++)
+		set_bit(bm, p);
+	same_bytes(bm, npages, "long gaps and block ends");
+	/* Short bitmaps: every length to 1100 pages, 2% dirty. */
+	for (uint64_t n = 1; n <= 1100; n += 1 + n / 64) {
+		memset(bm, 0, nw * 8);
+		for (uint64_t p = 0; p < n; p++)
+			if (next_rand() % 50 == 0)
+				set_bit(bm, p);
+		set_bit(bm, n - 1);
+		snprintf(what, sizeof(what), "%llu pages", (unsigned long long)n);
+		same_bytes(bm, n, what);
+	}
+	free(bm);
+}
+
 int main(void)
 {
 	ranges_match_bits();
@@ -278,5 +371,6 @@ int main(void)
 	encoder_refuses_bad_input();
 	decoder_refuses_malformed();
 	decode_merges();
+	every_implementation_writes_the_same_bytes();
 	CHECK_DONE();
 }

@@ -605,9 +605,144 @@ static void test_ghash_impls(void)
 	}
 }
 
+struct collect {
+	struct mem m;
+	int calls;
+};
+
+static int collect_payload(void *ctx, const void *buf, size_t len)
+{
+	struct collect *c = ctx;
+
+	c->calls++;
+	return mem_write(&c->m, buf, len);
+}
+
+/* A sealed stream of len bytes (i * 13 + 1), framed in pieces of piece. */
+static struct mem make_sealed(const uint8_t *key, size_t len, size_t piece)
+{
+	struct devmig_stream_enc e;
+	struct mem m = { 0 };
+	uint8_t *p = malloc(len + 1);
+
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)(i * 13 + 1);
+	CHECK(devmig_stream_enc_begin_sealed(&e, &DESC, len, key, mem_write, &m) == 0);
+	CHECK(devmig_stream_enc_data(&e, p, len) == -EINVAL); /* would need to encrypt in place */
+	for (size_t o = 0; o < len; o += piece)
+		CHECK(devmig_stream_enc_data_mut(&e, p + o, len - o < piece ? len - o : piece) == 0);
+	CHECK(devmig_stream_enc_finish(&e) == 0);
+	free(p);
+	return m;
+}
+
+static int decode_sealed(const uint8_t *buf, size_t len, const uint8_t *key, struct collect *c,
+			 const char **why)
+{
+	struct devmig_stream_dec *d;
+	int r;
+
+	CHECK(devmig_stream_dec_new_sealed(&DESC, key, collect_payload, c, &d) == 0);
+	r = devmig_stream_dec_feed(d, buf, len);
+	if (r == 0)
+		r = devmig_stream_dec_finish(d);
+	if (why)
+		*why = devmig_stream_dec_why(d);
+	devmig_stream_dec_free(d);
+	return r;
+}
+
+/* Sealed streams: the payload never appears on the wire, decrypts to
+ * itself across any framing, and a receiver with another key, or of
+ * another kind, refuses the stream at its header, before any payload. */
+static void test_sealed(void)
+{
+	uint8_t other[DEVMIG_STREAM_KEY_LEN], plain[64];
+	const char *why;
+
+	if (!devmig_aes256_available())
+		return; /* no AES-NI: sealed streams are not offered (checked in Python) */
+	memcpy(other, KEY, sizeof(other));
+	other[0] ^= 0x80;
+	for (size_t i = 0; i < sizeof(plain); i++)
+		plain[i] = (uint8_t)(i * 13 + 1);
+	for (size_t piece = 1; piece < 5000; piece = piece * 7 + 3) {
+		struct mem s = make_sealed(KEY, 5000, piece);
+		struct collect c = { 0 };
+
+		CHECK(decode_sealed(s.b, s.len, KEY, &c, NULL) == 0);
+		CHECK(c.m.len == 5000);
+		for (size_t i = 0; i < c.m.len; i++)
+			if (c.m.b[i] != (uint8_t)(i * 13 + 1)) {
+				CHECK(!"sealed payload decrypted wrong");
+				break;
+			}
+		CHECK(memmem(s.b, s.len, plain, 16) == NULL); /* the wire never shows it */
+		free(c.m.b);
+		free(s.b);
+	}
+	struct mem s = make_sealed(KEY, 3000, 1000), t = make_keyed(KEY, 3000);
+	struct collect c = { 0 };
+
+	CHECK(s.b[56] == DEVMIG_DIGEST_SEALED);
+	CHECK(decode_sealed(s.b, s.len, other, &c, &why) == -EBADMSG);
+	CHECK(strstr(why, "another key") != NULL && c.calls == 0); /* refused at the header */
+	CHECK(decode_keyed(s.b, s.len, KEY, &why) == -EBADMSG);    /* a MAC-only receiver */
+	CHECK(strstr(why, "sealed") != NULL);
+	CHECK(decode(s.b, s.len, 4096, NULL, &why) == -EBADMSG); /* no key at all */
+	CHECK(decode_sealed(t.b, t.len, KEY, &c, &why) == -EBADMSG); /* MAC only, to a sealed one */
+	CHECK(strstr(why, "needs it sealed") != NULL && c.calls == 0);
+	/* A ciphertext byte changed with its frame CRC fixed: the MAC refuses. */
+	s.b[FRAME(0, 1000) + DEVMIG_STREAM_FRAME_HDR_LEN + 5] ^= 1;
+	uint32_t crc = devmig_crc32c(devmig_crc32c(0, s.b + FRAME(0, 1000), 16),
+				     s.b + FRAME(0, 1000) + DEVMIG_STREAM_FRAME_HDR_LEN, 1000);
+	memcpy(s.b + FRAME(0, 1000) + 16, &crc, 4);
+	CHECK(decode_sealed(s.b, s.len, KEY, &c, &why) == -EBADMSG);
+	CHECK(strstr(why, "MAC") != NULL);
+	free(c.m.b);
+	free(s.b);
+	free(t.b);
+}
+
+/* AES-256-CTR: AES-NI and VAES agree at every offset and length, and
+ * any split of a run gives the same bytes (OpenSSL checks the values, in
+ * Python). */
+static void test_aes_impls(void)
+{
+	static uint8_t a[5000], b[5000];
+	struct devmig_aes256 x, y;
+	const uint8_t iv[8] = { 9, 8, 7, 6, 5, 4, 3, 2 };
+
+	if (devmig_aes256_init_impl(&x, KEY, DEVMIG_IMPL_X86) == -ENOTSUP)
+		return;
+	CHECK(devmig_aes256_init_impl(&y, KEY, DEVMIG_IMPL_PORTABLE) == -ENOTSUP); /* by design */
+	if (devmig_aes256_init_impl(&y, KEY, DEVMIG_IMPL_X86_512) == -ENOTSUP)
+		CHECK(devmig_aes256_init_impl(&y, KEY, DEVMIG_IMPL_X86) == 0);
+	for (uint64_t off = 0; off < 70; off += 13) {
+		for (size_t len = 0; len < sizeof(a); len = len * 3 + 5) {
+			memset(a, 0, sizeof(a));
+			memset(b, 0, sizeof(b));
+			devmig_aes256_ctr_xor(&x, iv, off, a, len);
+			for (size_t o = 0; o < len; o += 37 + o / 3)
+				devmig_aes256_ctr_xor(&y, iv, off + o, b + o,
+						      len - o < 37 + o / 3 ? len - o : 37 + o / 3);
+			CHECK(memcmp(a, b, len) == 0);
+			/* and twice is the identity */
+			devmig_aes256_ctr_xor(&x, iv, off, a, len);
+			for (size_t i = 0; i < len; i++)
+				if (a[i]) {
+					CHECK(!"CTR twice is not the identity");
+					break;
+				}
+		}
+	}
+}
+
 int main(void)
 {
 	test_keyed();
+	test_sealed();
+	test_aes_impls();
 	test_ghash_impls();
 	test_decoder();
 	test_decoder_random_damage();
