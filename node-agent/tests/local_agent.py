@@ -15,14 +15,18 @@ def wire(
     registry: devices.DeviceRegistry,
     state: pathlib.Path,
     tls: security.TlsFiles | None = None,
+    seal: bool = True,
     **manager: Any,
 ) -> tuple[sessions.SessionManager, datapath.DataPath]:
     """A manager over ``registry`` journaling under ``state`` (created), and
-    its data path on loopback; ``manager`` goes to SessionManager (vmm, ...)."""
+    its data path on loopback (``seal``: offer sealed streams over TLS);
+    ``manager`` goes to SessionManager (vmm, ...)."""
     j = journal.Journal(state)
     j.directory.mkdir(parents=True, exist_ok=True)
     j.load()
     holder: list[sessions.SessionManager] = []
-    dp = datapath.DataPath("127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), tls)
+    dp = datapath.DataPath(
+        "127.0.0.1", 0, lambda s, e: holder[0].on_transfer_done(s, e), tls, seal=seal
+    )
     holder.append(sessions.SessionManager(registry, j, dp, **manager))
     return holder[0], dp
