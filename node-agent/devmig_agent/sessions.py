@@ -163,6 +163,9 @@ class Session:
     tracker: tracking.DirtyTracker | None = None
     # The VMM pulled its final dirty pages (after stop-and-copy).
     vmm_final_pulled: bool = False
+    # Target: a Resume is waiting for the stream (journaled before it
+    # waits), so the sink resumes the device the moment it verifies.
+    resume_on_verify: bool = False
 
 
 class VmmError(Exception):
@@ -350,6 +353,7 @@ class SessionManager:
                 "runningAtUnixNanos": s.running_at_ns,
                 "vmmPaused": s.vmm_paused,
                 "recoveryDeadlineUnixNanos": s.recovery_deadline_ns,
+                "resumeOnVerify": s.resume_on_verify,
             },
         )
         self.journal.put(rec)
@@ -611,9 +615,20 @@ class SessionManager:
             if s.role is not Role.TARGET:
                 raise SessionError(Code.FAILED_PRECONDITION, "WrongRole", "Resume is for targets")
             end = time.monotonic() + wait_s
+            if s.phase is Phase.PREPARED and wait_s > 0 and not s.resume_on_verify:
+                # Journaled before the wait, as before any device action:
+                # the sink moves the device to RUNNING as soon as the
+                # stream verifies (on_transfer_done), with no journal
+                # write or thread hand-off in the guest's downtime.
+                s.resume_on_verify = True
+                self._record(s)
             while s.phase is Phase.PREPARED and wait_s > 0:
                 left = end - time.monotonic()
                 if left <= 0 or not alive():
+                    # Nobody waits any more: a stream verified later waits
+                    # for the operator's Resume again.
+                    s.resume_on_verify = False
+                    self._record(s)
                     raise SessionError(
                         Code.DEADLINE_EXCEEDED,
                         "StreamNotVerified",
@@ -1020,6 +1035,21 @@ class SessionManager:
                 s.message = (
                     "stream complete" if s.role is Role.SOURCE else "stream received and verified"
                 )
+                if (
+                    s.role is Role.TARGET
+                    and s.resume_on_verify
+                    and s.device.handle.state is MigState.STOP
+                ):
+                    # The waiting Resume, carried out here (its intent was
+                    # journaled before it waited); it finds RUNNING and
+                    # answers. A failure is recorded by _set_state, and the
+                    # waiting Resume reports it.
+                    s.resume_on_verify = False
+                    try:
+                        self._set_state(s, MigState.RUNNING, MigState.STOP)
+                        s.running_at_ns = self.clock_ns()
+                    except SessionError:
+                        return
             else:
                 s.phase = Phase.FAILED
                 s.reason = "StreamFailed" if s.role is Role.TARGET else "SendFailed"

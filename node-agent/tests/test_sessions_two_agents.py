@@ -17,7 +17,7 @@ import pytest
 import devmig_native
 from devmig.agent.v1alpha1 import agent_pb2 as pb
 from devmig.agent.v1alpha1 import agent_pb2_grpc
-from devmig_agent import datapath, devices, server, sessions
+from devmig_agent import datapath, devices, journal, server, sessions
 from devmig_native import MigState
 
 
@@ -114,6 +114,36 @@ def test_a_resume_asked_before_the_stop_runs_the_target_the_moment_its_stream_ve
     # Idempotent: asked again, the same answer at once.
     again = b.stub.Resume(pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=10).status
     assert again.running_at_unix_nanos == r.running_at_unix_nanos
+
+
+def _on_disk(agent: Agent) -> dict[str, object]:
+    """The target session's journal record as a restarted agent would read it."""
+    rec = journal.Journal(agent.manager.journal.directory).load()[REF.session_id]
+    return rec.extra
+
+
+def test_a_waiting_resume_is_journaled_before_it_waits_and_forgotten_when_it_gives_up(
+    agents: tuple[Agent, Agent],
+) -> None:
+    a, b = agents
+    endpoint = prepare(a, b)
+    assert _on_disk(b)["resumeOnVerify"] is False
+    a.stub.StartPreCopy(pb.StartPreCopyRequest(session=REF, target_data_endpoint=endpoint))
+    until_rounds(a, 1)
+    waiting = b.stub.Resume.future(pb.ResumeRequest(session=REF, wait_for_stream=True), timeout=1.5)
+    # While it waits, the intent is on disk: written before the device action.
+    assert b.manager.wait_until(lambda: _on_disk(b)["resumeOnVerify"] is True or None, 5)
+    with pytest.raises(grpc.RpcError) as e:
+        waiting.result()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _on_disk(b)["resumeOnVerify"] is False
+    # Given up: the stream verifies, and the device waits for a Resume again.
+    a.stub.StopAndCopy(pb.StopAndCopyRequest(session=REF, vm_sessions=[REF]))
+    st = target_final(b)
+    assert st.phase == pb.SESSION_PHASE_TRANSFERRED
+    assert st.device_state == pb.VFIO_DEVICE_STATE_STOP and st.running_at_unix_nanos == 0
+    r = b.stub.Resume(pb.ResumeRequest(session=REF), timeout=10).status
+    assert r.device_state == pb.VFIO_DEVICE_STATE_RUNNING
 
 
 def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agent]) -> None:
