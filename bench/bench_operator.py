@@ -133,7 +133,7 @@ def downtime(root: pathlib.Path, mib: int) -> dict[str, Any]:
             residual = max(sent - at_stop[0], at_stop[1])
             raw, _ = rawcopy.measure(max(residual, MIB))
             base = 1.2 * residual / raw + 5 * round_trip
-            seconds = int(st["downtimeMs"]) / 1000
+            seconds = int(st["downtimeMicroseconds"]) / 1e6
             reason = next(
                 (c.get("message", "") for c in st["conditions"] if c["type"] == "Succeeded"), ""
             )

@@ -140,9 +140,10 @@ def reconcile(
                     at,
                 )
             _write(ctx, patch)
-            metrics.record_phase(
-                ctx.namespace, ctx.name, result.next_phase, ctx.status.get("downtimeMs")
-            )
+            us = ctx.status.get("downtimeMicroseconds")
+            if us is None and ctx.status.get("downtimeMs") is not None:
+                us = int(ctx.status["downtimeMs"]) * 1000  # recorded before microseconds were
+            metrics.record_phase(ctx.namespace, ctx.name, result.next_phase, us)
             kind = "Warning" if result.next_phase in (Phase.FAILED, Phase.ABORTED) else "Normal"
             emit(kind, result.next_phase.value, result.message or result.next_phase.value)
             log.info(

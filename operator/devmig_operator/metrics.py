@@ -30,7 +30,7 @@ PHASE = Gauge(
 )
 
 
-def record_phase(namespace: str, name: str, phase: Phase, downtime_ms: int | None = None) -> None:
+def record_phase(namespace: str, name: str, phase: Phase, downtime_us: int | None = None) -> None:
     """Reflect a phase transition. Final phases count once and drop the
     migration's phase series, so finished migrations leave no series."""
     for p in Phase:
@@ -39,7 +39,7 @@ def record_phase(namespace: str, name: str, phase: Phase, downtime_ms: int | Non
                 PHASE.remove(namespace, name, p.value)
     if phase.final:
         MIGRATIONS.labels(result=phase.value).inc()
-        if phase is Phase.SUCCEEDED and downtime_ms is not None:
-            DOWNTIME.observe(downtime_ms / 1000.0)
+        if phase is Phase.SUCCEEDED and downtime_us is not None:
+            DOWNTIME.observe(downtime_us / 1e6)
     else:
         PHASE.labels(namespace, name, phase.value).set(1)

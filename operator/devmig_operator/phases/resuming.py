@@ -20,13 +20,14 @@ from devmig_operator.sessions import agent_for, session_ref
 RETRY_S = 2.0
 
 
-def downtime_ms(src: list[Any], dst: list[Any]) -> int | None:
-    """Device downtime: first source leaving RUNNING to last target RUNNING."""
+def downtime_us(src: list[Any], dst: list[Any]) -> int | None:
+    """Device downtime, microseconds: first source leaving RUNNING to last
+    target RUNNING (the agents' own clocks, nanoseconds)."""
     stopped = [s.stopped_at_unix_nanos for s in src if s.stopped_at_unix_nanos]
     running = [s.running_at_unix_nanos for s in dst if s.running_at_unix_nanos]
     if not stopped or not running:
         return None
-    return max(0, int(max(running) - min(stopped)) // 1_000_000)
+    return max(0, int(max(running) - min(stopped)) // 1_000)
 
 
 def commit_patch(
@@ -36,10 +37,12 @@ def commit_patch(
     for d, s in zip(devices, dst_st, strict=True):
         d["targetState"] = state_name(s.device_state)
     patch: dict[str, Any] = {"committed": True, "devices": devices}
-    ms = downtime_ms(src_st, dst_st)
-    if ms is not None:
-        patch["downtimeMs"] = ms
-        patch["downtime"] = f"{ms}ms"
+    us = downtime_us(src_st, dst_st)
+    if us is not None:
+        patch["downtimeMs"] = us // 1_000
+        patch["downtimeMicroseconds"] = us
+        # Below 10 ms, tenths and hundredths of a millisecond say something.
+        patch["downtime"] = f"{us / 1000:.2f}ms" if us < 10_000 else f"{us // 1_000}ms"
     return patch
 
 
