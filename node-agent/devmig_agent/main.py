@@ -290,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         "(env DEVMIG_POD_RESOURCES_SOCKET; default %(default)s)",
     )
     p.add_argument(
+        "--data-seal",
+        choices=("on", "off"),
+        default=os.environ.get("DEVMIG_DATA_SEAL", "on"),
+        help="with --tls-dir: agree a key inside TLS and seal device-state streams in the "
+        "native core (AES-NI) instead of sending them through TLS; 'off' keeps every stream "
+        "on TLS (env DEVMIG_DATA_SEAL; default %(default)s)",
+    )
+    p.add_argument(
         "--vfio-discovery",
         choices=("on", "list", "off"),
         default=os.environ.get("DEVMIG_VFIO_DISCOVERY", "on"),
@@ -406,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda s, e: manager[0].on_transfer_done(s, e),
             tls,
             a.advertise_host or data_host,
+            seal=a.data_seal == "on",
         )
         dp_ = dp
         hub: vmm.VmmHub | None = None

@@ -5,6 +5,7 @@ restart (after SIGTERM or SIGKILL) that answers for the journal's sessions."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -251,13 +252,22 @@ def test_a_target_killed_mid_stream_leaves_the_source_running_and_reports_its_de
     assert record(state)["phase"] == "ABORTED"
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize(
+    ("tls", "seal"),
+    [(False, "on"), (True, "on"), (True, "off")],
+    ids=["plain", "tls", "tls-seal-off"],
+)
 def test_a_target_that_dies_while_the_source_idles_between_rounds_is_noticed(
-    short_dir: pathlib.Path, tmp_path: pathlib.Path, tls: bool
+    short_dir: pathlib.Path,
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+    tls: bool,
+    seal: str,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="devmig_agent.datapath")
     files = None
     d: pathlib.Path | None = None
-    extra: list[str] = ["--sim", "count=1,size=1MiB"]
+    extra: list[str] = ["--sim", "count=1,size=1MiB", "--data-seal", seal]
     if tls:
         d = CA.create().write_tls_dir(tmp_path / "tls", "devmig-agent", ["localhost"])
         files = security.TlsFiles.load(str(d))
@@ -283,5 +293,8 @@ def test_a_target_that_dies_while_the_source_idles_between_rounds_is_noticed(
         assert failed is not None, src.get(REF.session_id, REF.token)
         assert (failed.phase, failed.reason) == (sessions.Phase.FAILED, "SendFailed")
         assert reg.get("sim-s-0").handle.state is MigState.RUNNING
+        # The target process's --data-seal decided the data path.
+        how = "plain" if not tls else "sealed" if seal == "on" and dp.seal else "tls relay"
+        assert any(m.endswith(f"({how})") and "sending to" in m for m in caplog.messages)
     finally:
         dp.shutdown()
