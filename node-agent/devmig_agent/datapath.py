@@ -284,6 +284,10 @@ class DataPath:
         self._stopping = False
         threading.Thread(target=self._accept_loop, daemon=True, name="datapath-accept").start()
 
+    def _transport(self, sealed: bool) -> str:
+        """How a stream travels, for logs."""
+        return "sealed" if sealed else "tls relay" if self._tls else "plain"
+
     def shutdown(self) -> None:
         self._stopping = True
         self._listener.close()
@@ -337,7 +341,7 @@ class DataPath:
                 "session %s: receiving from %s (%s)",
                 sid,
                 peer,
-                "sealed" if sink.seal else "tls relay" if self._tls else "plain",
+                self._transport(sink.seal),
             )
         except (OSError, ValueError, ConnectionError) as e:
             log.warning("data connection from %s refused: %s", peer, e)
@@ -351,8 +355,11 @@ class DataPath:
         host, _, port = endpoint.rpartition(":")
         raw = socket.create_connection((host.strip("[]"), int(port)), timeout=HELLO_TIMEOUT_S)
         conn: socket.socket = raw
-        hello: dict[str, object] = {"v": HELLO_VERSION, "session": session.id}
-        hello["token"] = session.token
+        hello: dict[str, object] = {
+            "v": HELLO_VERSION,
+            "session": session.id,
+            "token": session.token,
+        }
         source_share = os.urandom(SEAL_SHARE) if self.seal else None
         if self._client_ctx is not None:
             conn = self._client_ctx.wrap_socket(raw, server_hostname=None)
@@ -388,7 +395,7 @@ class DataPath:
             "session %s: sending to %s (%s)",
             session.id,
             endpoint,
-            "sealed" if target_share is not None else "tls relay" if self._tls else "plain",
+            self._transport(target_share is not None),
         )
         sender = _Sender(session, pump, fd, keep, self._done)
         with self._lock:

@@ -521,19 +521,26 @@ static struct mem make_keyed(const uint8_t *key, size_t len)
 	return m;
 }
 
-static int decode_keyed(const uint8_t *buf, size_t len, const uint8_t *key, const char **why)
+/* Feed a whole stream to d and finish it; frees d. */
+static int run_decoder(struct devmig_stream_dec *d, const uint8_t *buf, size_t len,
+		       const char **why)
 {
-	struct devmig_stream_dec *d;
-	int r;
+	int r = devmig_stream_dec_feed(d, buf, len);
 
-	CHECK(devmig_stream_dec_new_keyed(&DESC, key, NULL, NULL, &d) == 0);
-	r = devmig_stream_dec_feed(d, buf, len);
 	if (r == 0)
 		r = devmig_stream_dec_finish(d);
 	if (why)
 		*why = devmig_stream_dec_why(d);
 	devmig_stream_dec_free(d);
 	return r;
+}
+
+static int decode_keyed(const uint8_t *buf, size_t len, const uint8_t *key, const char **why)
+{
+	struct devmig_stream_dec *d;
+
+	CHECK(devmig_stream_dec_new_keyed(&DESC, key, NULL, NULL, &d) == 0);
+	return run_decoder(d, buf, len, why);
 }
 
 /* The keyed MAC: verifies under its key only, never mixes with SHA-256
@@ -640,16 +647,9 @@ static int decode_sealed(const uint8_t *buf, size_t len, const uint8_t *key, str
 			 const char **why)
 {
 	struct devmig_stream_dec *d;
-	int r;
 
 	CHECK(devmig_stream_dec_new_sealed(&DESC, key, collect_payload, c, &d) == 0);
-	r = devmig_stream_dec_feed(d, buf, len);
-	if (r == 0)
-		r = devmig_stream_dec_finish(d);
-	if (why)
-		*why = devmig_stream_dec_why(d);
-	devmig_stream_dec_free(d);
-	return r;
+	return run_decoder(d, buf, len, why);
 }
 
 /* Sealed streams: the payload never appears on the wire, decrypts to
