@@ -108,6 +108,9 @@ class PeerGate:
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        # Connections holding a slot, and a condition to wait for it to drop.
+        self._active = 0
+        self._idle = threading.Condition(self._lock)
         self.allowed = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
         add_services(self.allowed)
         uids = ", ".join(str(u) for u in sorted(self.allowed_uids))
@@ -157,6 +160,8 @@ class PeerGate:
                 )
                 conn.close()
                 continue
+            with self._lock:
+                self._active += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -190,7 +195,22 @@ class PeerGate:
             up.close()
             conn.close()
         finally:
-            self._slots.release()
+            self._slots.release()  # before the count drops: a waiter may connect at once
+            with self._lock:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def active_connections(self) -> int:
+        """Connections relayed right now (each holds one of MAX_CONNECTIONS)."""
+        with self._lock:
+            return self._active
+
+    def wait_active_at_most(self, n: int, timeout: float) -> bool:
+        """Wait until at most ``n`` connections are relayed; False on timeout.
+        A closed caller frees its slot only once both relay directions have
+        seen the end, a moment after the caller's close() returns."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active <= n, timeout)
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Stop listening, end relayed connections, stop both servers and

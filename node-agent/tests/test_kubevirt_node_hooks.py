@@ -458,21 +458,29 @@ def test_only_root_may_open_the_socket_when_no_other_uid_is_allowed(
 
 
 def test_the_gate_closes_connections_past_its_bound_and_keeps_serving(
-    served: str, hooks: RecordingHooks
+    sock_dir: str, hooks: RecordingHooks
 ) -> None:
     # Idle connections held open by a local process: the gate relays at
     # most MAX_CONNECTIONS at once and closes the rest at accept.
-    held = []
-    for _ in range(uds_gate.MAX_CONNECTIONS):
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(served)
-        held.append(s)
-    extra = socket.socket(socket.AF_UNIX)
-    extra.connect(served)
-    extra.settimeout(10)
-    assert extra.recv(1) == b""  # closed by the gate
-    extra.close()
-    for s in held:
-        s.close()
-    call(served, "PreMigrationSource", vmi_json())
-    assert len(hooks.calls) == 1
+    served = f"{sock_dir}/plugins/devmig.sock"
+    gate = hooks_kubevirt.serve_node_hooks(hooks, served)
+    try:
+        held = []
+        for _ in range(uds_gate.MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(served)
+            held.append(s)
+        extra = socket.socket(socket.AF_UNIX)
+        extra.connect(served)
+        extra.settimeout(10)
+        assert extra.recv(1) == b""  # closed by the gate
+        extra.close()
+        assert gate.active_connections() == uds_gate.MAX_CONNECTIONS
+        for s in held:
+            s.close()
+        # The slots come back once the relays see the ends, not at close().
+        assert gate.wait_active_at_most(0, timeout=10)
+        call(served, "PreMigrationSource", vmi_json())
+        assert len(hooks.calls) == 1
+    finally:
+        gate.stop(grace=None).wait()
