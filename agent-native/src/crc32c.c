@@ -7,9 +7,12 @@
  * this polynomial (Intel SDM, CRC32: "polynomial 11EDC6F41H", the register
  * neither inverted on entry nor on exit). The instruction has a latency of
  * three cycles and a throughput of one, so long buffers are split in three
- * lanes checksummed side by side and then combined (see combine()). The
- * choice is made once, at first use, from the CPU's features. */
+ * lanes checksummed side by side and then combined (see shift()). With
+ * VPCLMULQDQ on AVX-512 long buffers are folded 256 bytes at a time by
+ * carry-less multiplication instead (see crc_vpclmul()). The choice is made
+ * once, at first use, from the CPU's features. */
 #include <pthread.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "devmig/stream.h"
@@ -20,6 +23,7 @@ static uint32_t table[8][256];
 #define LANE 2048u
 static uint32_t shift_lane[4][256];
 static devmig_crc32c_fn best;
+static bool has_sse42, has_vpclmul;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 /* The register (not inverted) after n zero bytes, bytewise: only used to
@@ -61,7 +65,36 @@ static uint32_t crc_portable(uint32_t crc, const void *buf, size_t len)
 
 #if defined(__x86_64__)
 #define HAVE_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
 #include <nmmintrin.h>
+
+/* x^n mod P, P the CRC32C polynomial in its usual (not reflected) form,
+ * x^32 + 0x1EDC6F41. */
+static uint32_t xpow_mod(unsigned n)
+{
+	uint64_t r = 1;
+
+	while (n--) {
+		r <<= 1;
+		if (r >> 32)
+			r ^= 0x11EDC6F41ull;
+	}
+	return (uint32_t)r;
+}
+
+/* A polynomial of degree < 32 as a reflected 64-bit carry-less multiplier:
+ * the coefficient of x^d at bit 63 - d, as the data's own bits are laid
+ * out (the first bit of the stream is the highest power). */
+static uint64_t reflect64(uint32_t poly)
+{
+	uint64_t r = 0;
+
+	for (int d = 0; d < 32; d++)
+		if (poly >> d & 1)
+			r |= 1ull << (63 - d);
+	return r;
+}
 
 /* The CRC register is linear over GF(2) in its starting value: the register
  * after data D from start r is (r moved over |D| zero bytes) xor (the
@@ -115,6 +148,84 @@ __attribute__((target("sse4.2"))) static uint32_t crc_sse42(uint32_t crc, const 
 		crc = _mm_crc32_u8(crc, *p++);
 	return ~crc;
 }
+
+/* Folding by carry-less multiplication. Reading the stream's bits as a
+ * polynomial whose first bit is the highest power, the CRC (register 0, no
+ * inversion) is M(x).x^32 mod P, linear in M. A 16-byte block V = Lo.x^64
+ * + Hi (Lo its first eight bytes) moved T bits further down the stream is
+ * V.x^T = Lo.x^(64+T) + Hi.x^T, and that is congruent to
+ * clmul(Lo, x^(63+T) mod P) ^ clmul(Hi, x^(T-1) mod P): the product of two
+ * reflected 64-bit operands comes out as a 128-bit block one power higher,
+ * hence the -1. Four 512-bit accumulators hold sixteen blocks (256 bytes);
+ * each step moves them 256 bytes on (T = 2048 bits) onto the next 256 bytes
+ * of data. What is left at the end is 256 bytes congruent to everything
+ * folded so far, placed where the last 256 bytes were: the CRC32
+ * instruction finishes them and the tail. The register going in is xored
+ * into the first four bytes (the same as starting the register there). */
+#define FOLD_BYTES 256u
+/* Below this the three-lane CRC32 loop is as fast: the fold's fixed cost
+ * (the 256-byte finish, 32 dependent CRC32 steps) needs a few KiB to pay. */
+#define FOLD_MIN 2048u
+static uint64_t fold_lo, fold_hi; /* x^(63+2048), x^(2048-1) mod P, reflected */
+
+#define TGT_FOLD __attribute__((target("avx512f,avx512bw,vpclmulqdq,pclmul,sse4.2")))
+
+TGT_FOLD static __m512i fold512(__m512i acc, __m512i k, const uint8_t *next)
+{
+	/* 0x96: a ^ b ^ c in one instruction */
+	return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(acc, k, 0x00),
+					 _mm512_clmulepi64_epi128(acc, k, 0x11),
+					 _mm512_loadu_si512((const void *)next), 0x96);
+}
+
+TGT_FOLD static uint32_t crc_vpclmul(uint32_t crc, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+	uint8_t rest[FOLD_BYTES];
+	uint64_t c = 0;
+
+	if (len < FOLD_MIN)
+		return crc_sse42(crc, buf, len);
+	const __m512i k = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)fold_hi, (long long)fold_lo));
+	__m512i a0 = _mm512_loadu_si512((const void *)p);
+	__m512i a1 = _mm512_loadu_si512((const void *)(p + 64));
+	__m512i a2 = _mm512_loadu_si512((const void *)(p + 128));
+	__m512i a3 = _mm512_loadu_si512((const void *)(p + 192));
+
+	a0 = _mm512_xor_si512(a0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
+	p += FOLD_BYTES;
+	len -= FOLD_BYTES;
+	for (; len >= FOLD_BYTES; p += FOLD_BYTES, len -= FOLD_BYTES) {
+		a0 = fold512(a0, k, p);
+		a1 = fold512(a1, k, p + 64);
+		a2 = fold512(a2, k, p + 128);
+		a3 = fold512(a3, k, p + 192);
+	}
+	_mm512_storeu_si512((void *)rest, a0);
+	_mm512_storeu_si512((void *)(rest + 64), a1);
+	_mm512_storeu_si512((void *)(rest + 128), a2);
+	_mm512_storeu_si512((void *)(rest + 192), a3);
+	for (size_t i = 0; i < FOLD_BYTES; i += 8) {
+		uint64_t w;
+
+		memcpy(&w, rest + i, 8);
+		c = _mm_crc32_u64(c, w);
+	}
+	/* The tail, shorter than 256 bytes, from the register so far (already
+	 * in crc_sse42's uninverted form once inverted back). */
+	return crc_sse42(~(uint32_t)c, p, len);
+}
+
+/* VPCLMULQDQ: CPUID leaf 7, subleaf 0, ECX bit 10 (asked directly, as
+ * ghash.c does), with AVX-512F/BW (which include the OS saving the state). */
+static bool cpu_has_vpclmul(void)
+{
+	unsigned int a, b, c, d;
+
+	return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 10)) &&
+	       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+	       __builtin_cpu_supports("pclmul");
+}
 #endif
 
 static void init(void)
@@ -146,9 +257,13 @@ static void init(void)
 		}
 	best = crc_portable;
 #ifdef HAVE_X86
+	fold_lo = reflect64(xpow_mod(63 + 8 * FOLD_BYTES));
+	fold_hi = reflect64(xpow_mod(8 * FOLD_BYTES - 1));
 	__builtin_cpu_init();
-	if (__builtin_cpu_supports("sse4.2"))
-		best = crc_sse42;
+	has_sse42 = __builtin_cpu_supports("sse4.2");
+	has_vpclmul = has_sse42 && cpu_has_vpclmul();
+	if (has_sse42)
+		best = has_vpclmul ? crc_vpclmul : crc_sse42;
 #endif
 }
 
@@ -162,7 +277,9 @@ devmig_crc32c_fn devmig_crc32c_impl(int impl)
 		return crc_portable;
 #ifdef HAVE_X86
 	case DEVMIG_IMPL_X86:
-		return best == crc_sse42 ? crc_sse42 : NULL;
+		return has_sse42 ? crc_sse42 : NULL;
+	case DEVMIG_IMPL_X86_512:
+		return has_vpclmul ? crc_vpclmul : NULL;
 #endif
 	default:
 		return NULL;

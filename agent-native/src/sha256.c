@@ -225,6 +225,7 @@ static pthread_once_t impls_once = PTHREAD_ONCE_INIT;
 static void build_impls(void)
 {
 	bool crc_hw = devmig_crc32c_impl(DEVMIG_IMPL_X86) != NULL;
+	bool crc_fold = devmig_crc32c_impl(DEVMIG_IMPL_X86_512) != NULL;
 	bool sha_hw = false;
 
 	pthread_once(&consts_once, init);
@@ -232,7 +233,7 @@ static void build_impls(void)
 	sha_hw = best == blocks_shani;
 #endif
 	snprintf(impls, sizeof(impls), "crc32c=%s sha256=%s ghash=%s",
-		 crc_hw ? "sse4.2" : "slicing-by-8", sha_hw ? "sha-ni" : "portable",
+		 crc_fold ? "vpclmulqdq" : crc_hw ? "sse4.2" : "slicing-by-8", sha_hw ? "sha-ni" : "portable",
 		 devmig_ghash_impl_name());
 }
 

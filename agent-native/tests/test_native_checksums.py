@@ -45,15 +45,21 @@ def _available(impl: ChecksumImpl) -> bool:
     return True
 
 
-# X86_512 is GHASH's alone (tested against AES-GCM below).
+# X86_512 is GHASH's and CRC32C's (GHASH tested against AES-GCM below,
+# CRC32C in its own test), not SHA-256's.
 IMPLS = [i for i in ChecksumImpl if i is not ChecksumImpl.X86_512]
+FOLD_FLAGS = {"vpclmulqdq", "avx512f", "avx512bw", "pclmulqdq", "sse4_2"}
 
 
 def test_the_cpu_s_own_implementations_are_used_when_it_has_them() -> None:
     flags = _cpu_flags()
     impls = devmig_native.crypto_impls()
-    if "sse4_2" in flags:
+    if FOLD_FLAGS.issubset(flags):
+        assert "crc32c=vpclmulqdq" in impls
+        devmig_native.crc32c(b"x", ChecksumImpl.X86_512)  # does not raise
+    elif "sse4_2" in flags:
         assert "crc32c=sse4.2" in impls
+    if "sse4_2" in flags:
         devmig_native.crc32c(b"x", ChecksumImpl.X86)  # does not raise
     if "sha_ni" in flags and "sse4_2" in flags:
         assert "sha256=sha-ni" in impls
@@ -92,6 +98,21 @@ def test_each_implementation_matches_the_definitions(impl: ChecksumImpl) -> None
     big = memoryview(rng.randbytes(5 << 20))[3:]  # odd start and length
     assert devmig_native.sha256(big, impl) == hashlib.sha256(big).digest()
     assert devmig_native.crc32c(big, impl) == devmig_native.crc32c(big, ChecksumImpl.PORTABLE)
+
+
+def test_the_folded_crc32c_matches_the_definition_at_every_length_around_its_steps() -> None:
+    if not FOLD_FLAGS.issubset(_cpu_flags()):
+        pytest.skip("this CPU lacks VPCLMULQDQ on AVX-512 (the folded CRC32C)")
+    rng = random.Random(512)
+    data = rng.randbytes(3000)
+    # The folded path starts at 2048 bytes and moves 256 at a time: every
+    # length across two of its steps, and a tail of every size.
+    for n in range(2040, 2600):
+        assert devmig_native.crc32c(data[:n], ChecksumImpl.X86_512) == _crc_bitwise(data[:n]), n
+    big = memoryview(rng.randbytes(3 << 20))[5:]  # odd start and length
+    assert devmig_native.crc32c(big, ChecksumImpl.X86_512) == devmig_native.crc32c(
+        big, ChecksumImpl.PORTABLE
+    )
 
 
 def _aes_block(key: bytes, block: bytes) -> bytes:

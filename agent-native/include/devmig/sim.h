@@ -127,9 +127,15 @@ int devmig_sim_guest_mem(struct devmig_dev *d, uint8_t **mem, uint64_t *size);
 #define DEVMIG_SIM_DIRTY_DMA 0
 #define DEVMIG_SIM_DIRTY_LOGGED 1
 int devmig_sim_dirty_take(struct devmig_dev *d, int which, uint64_t *bitmap, uint64_t nwords);
-/* A 64-bit digest of device memory (the device's word-wise digest, see
- * sim.c): equal digests, equal memory. */
+/* A 64-bit digest of device memory (the device's digest, see
+ * sim_digest.c): equal digests, equal memory. */
 int devmig_sim_mem_digest(struct devmig_dev *d, uint64_t *digest);
+/* The digest itself, from seed 0, with one implementation (enum
+ * devmig_impl: AUTO, PORTABLE, X86_512), for tests that check they agree;
+ * with dst (64-byte aligned, len a multiple of 64) the bytes are also copied
+ * there, as a resuming device installs a page. -ENOTSUP when this CPU lacks
+ * impl. */
+int devmig_sim_digest_impl(int impl, void *dst, const void *src, size_t len, uint64_t *out);
 
 #ifdef __cplusplus
 }

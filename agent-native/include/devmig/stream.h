@@ -75,7 +75,8 @@ enum devmig_impl {
 	DEVMIG_IMPL_PORTABLE = 1, /* plain C */
 	DEVMIG_IMPL_X86 = 2,      /* CRC32C: SSE4.2 crc32; SHA-256: the SHA extensions;
 				   * GHASH: PCLMULQDQ */
-	DEVMIG_IMPL_X86_512 = 3,  /* GHASH only: VPCLMULQDQ on 512-bit registers (AVX-512) */
+	DEVMIG_IMPL_X86_512 = 3,  /* GHASH and CRC32C (long buffers; SSE4.2 for the rest):
+				   * VPCLMULQDQ on 512-bit registers (AVX-512) */
 };
 typedef uint32_t (*devmig_crc32c_fn)(uint32_t crc, const void *buf, size_t len);
 /* The implementation, or NULL when this CPU lacks it. */

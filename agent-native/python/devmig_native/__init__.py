@@ -111,7 +111,7 @@ class ChecksumImpl(enum.IntEnum):
     AUTO = 0  # the CPU's own when it has one
     PORTABLE = 1  # plain C
     X86 = 2  # SSE4.2 crc32 / SHA extensions / PCLMULQDQ
-    X86_512 = 3  # GHASH only: VPCLMULQDQ on AVX-512 registers
+    X86_512 = 3  # GHASH and CRC32C (not SHA-256): VPCLMULQDQ on AVX-512 registers
 
 
 def crc32c(data: bytes | bytearray | memoryview, impl: int = ChecksumImpl.AUTO) -> int:

@@ -17,6 +17,7 @@
 #include "devmig/vfio.h"
 #include "../internal.h"
 #include "sim_bar.h"
+#include "sim_digest.h"
 
 #define PAGE DEVMIG_SIM_PAGE_SIZE
 /* Stream layout, little-endian as the host (the sim never crosses hosts). */
@@ -27,8 +28,10 @@
  * O(pages) instead of a pass over all memory, and so does the check. 4: the
  * digest in four lanes (sim_digest); the end record's digest the sum of
  * every page's digest mixed with its index (page_digest_mix), kept as pages
- * are recorded, so the stop costs nothing per page. */
-#define SIM_VERSION 4u
+ * are recorded, so the stop costs nothing per page. 5: the digest in eight
+ * multiply-accumulate lanes (sim_digest.c), vectorised, and a resuming
+ * device checks and installs a page in one pass. */
+#define SIM_VERSION 5u
 #define HDR_LEN 32u     /* magic 8, version 4, page size 4, pages 8, reserved 8 */
 #define REC_HDR_LEN 16u /* tag 4, page index 4, page digest 8 */
 #define REC_LEN (REC_HDR_LEN + PAGE)
@@ -109,16 +112,8 @@ int devmig_dev_is_sim(const struct devmig_dev *d)
 	return to_sim(d) != NULL;
 }
 
-/* The simulated device's own digest (its stream format v4): 64-bit words
- * folded in as h = (rotl(h, 23) ^ w) * the golden-ratio constant, in four
- * lanes (word i into lane i % 4, each lane seeded apart, so words swapped
- * between lanes change it), the lanes then folded together, then any
- * words and a zero-padded byte tail left after the last 32 bytes. Four
- * lanes because one is a chain of dependent multiplies (about 5 GB/s here),
- * and the device digests every page it saves and loads: the simulator's
- * own work must stay small beside the data path it stands beside in
- * benchmarks. Not cryptographic: the stream's MAC guards the wire; this
- * catches a device loading the wrong bytes. */
+/* fold() mixes a page's digest with its index (page_digest_mix); the
+ * digest itself is sim_digest.c's. */
 static uint64_t fold(uint64_t h, uint64_t w)
 {
 	return (((h << 23) | (h >> 41)) ^ w) * 0x9e3779b97f4a7c15ull;
@@ -126,28 +121,7 @@ static uint64_t fold(uint64_t h, uint64_t w)
 
 static uint64_t sim_digest(const void *buf, size_t len, uint64_t h)
 {
-	const uint8_t *p = buf;
-	uint64_t l0 = h, l1 = h ^ 1, l2 = h ^ 2, l3 = h ^ 3, w[4];
-	size_t i = 0;
-
-	for (; i + 32 <= len; i += 32) {
-		memcpy(w, p + i, 32);
-		l0 = fold(l0, w[0]);
-		l1 = fold(l1, w[1]);
-		l2 = fold(l2, w[2]);
-		l3 = fold(l3, w[3]);
-	}
-	h = fold(fold(fold(l0, l1), l2), l3);
-	for (; i + 8 <= len; i += 8) {
-		memcpy(w, p + i, 8);
-		h = fold(h, w[0]);
-	}
-	if (i < len) {
-		w[0] = 0;
-		memcpy(w, p + i, len - i);
-		h = fold(h, w[0]);
-	}
-	return h;
+	return sim_digest_copy(NULL, buf, len, h);
 }
 #define DIGEST_BASIS 0xcbf29ce484222325ull
 
@@ -389,11 +363,19 @@ static void rx_page(struct sim *s, const uint8_t *rec)
 
 	memcpy(&idx, rec + 4, 4);
 	memcpy(&h, rec + 8, 8);
-	if (idx >= s->npages || sim_digest(rec + REC_HDR_LEN, PAGE, DIGEST_BASIS) != h) {
+	if (idx >= s->npages) {
 		s->rx_err = -EIO;
 		return;
 	}
-	memcpy(s->mem + (uint64_t)idx * PAGE, rec + REC_HDR_LEN, PAGE);
+	/* Checked and installed in one pass. A page whose digest does not
+	 * match is in memory now, but the error is kept: RESUMING -> STOP
+	 * refuses it and the device goes to ERROR, whose reset clears the
+	 * memory, so the device never runs on it (nor on any page of this
+	 * load: a refused stream is never partly used). */
+	if (sim_digest_copy(s->mem + (uint64_t)idx * PAGE, rec + REC_HDR_LEN, PAGE, DIGEST_BASIS) != h) {
+		s->rx_err = -EIO;
+		return;
+	}
 	set_page_dg(s, idx, h);
 	if (!s->rx_seen[idx]) {
 		s->rx_seen[idx] = 1;
@@ -685,6 +667,7 @@ static ssize_t sim_data_write(struct devmig_dev *d, int data_fd, const void *buf
 		len = (size_t)(s->write_fault_at - off); /* accept what comes before */
 	}
 	r = rx_feed(s, buf, len);
+	sim_digest_fence(); /* the pages installed are in memory before write() returns */
 	if (r < 0)
 		return r;
 	s->rx_off += len;
@@ -767,7 +750,10 @@ int devmig_dev_open_sim(const struct devmig_sim_config *cfg, struct devmig_dev *
 	s->rng = cfg->seed ? cfg->seed : 0x9e3779b97f4a7c15ull; /* non-zero (xorshift's fixed point is 0): 2^64 / golden ratio */
 	set_st(s, DEVMIG_STATE_RUNNING);
 	s->sess_fd = -1;
-	s->mem = malloc(s->npages * PAGE);
+	/* Page-aligned: a loaded page is written with 64-byte aligned
+	 * streaming stores (sim_digest_copy). */
+	if (posix_memalign((void **)&s->mem, PAGE, s->npages * PAGE) != 0)
+		s->mem = NULL;
 	s->dirty = calloc(s->npages, 1);
 	s->page_dg = calloc(s->npages, sizeof(*s->page_dg));
 	if (!s->mem || !s->dirty || !s->page_dg ||

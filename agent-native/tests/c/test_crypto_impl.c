@@ -86,6 +86,13 @@ static void check_crc(int impl, devmig_crc32c_fn f, const uint8_t *big, size_t b
 		if (f(0, big + off, len) != want)
 			fprintf(stderr, "impl %d: crc of %zu bytes at %zu differs\n", impl, len, off);
 	}
+	/* Every length around the folded path's threshold (2048) and its
+	 * 256-byte steps, from a register that is not zero. */
+	for (size_t len = 1800; len < 2900; len++) {
+		uint32_t want = ref(0x12345678u, big + 3, len);
+
+		CHECK(f(0x12345678u, big + 3, len) == want);
+	}
 	CHECK(f(0, big, big_len) == crc_bitwise(big, big_len));
 }
 
@@ -132,7 +139,7 @@ int main(void)
 {
 	size_t big_len = 3u << 20;
 	uint8_t *big = malloc(big_len);
-	int impls[] = { DEVMIG_IMPL_AUTO, DEVMIG_IMPL_PORTABLE, DEVMIG_IMPL_X86 };
+	int impls[] = { DEVMIG_IMPL_AUTO, DEVMIG_IMPL_PORTABLE, DEVMIG_IMPL_X86, DEVMIG_IMPL_X86_512 };
 	struct devmig_sha256 s;
 
 	CHECK(big != NULL);
@@ -164,8 +171,10 @@ int main(void)
 			printf("sha256 impl %d not on this CPU\n", impls[i]);
 		}
 	}
-	/* The default is the CPU's own when it has one. */
-	if (devmig_crc32c_impl(DEVMIG_IMPL_X86))
+	/* The default is the CPU's fastest when it has one. */
+	if (devmig_crc32c_impl(DEVMIG_IMPL_X86_512))
+		CHECK(devmig_crc32c_impl(DEVMIG_IMPL_AUTO) == devmig_crc32c_impl(DEVMIG_IMPL_X86_512));
+	else if (devmig_crc32c_impl(DEVMIG_IMPL_X86))
 		CHECK(devmig_crc32c_impl(DEVMIG_IMPL_AUTO) == devmig_crc32c_impl(DEVMIG_IMPL_X86));
 	free(big);
 	CHECK_DONE();
