@@ -108,7 +108,7 @@ void devmig_hmac_sha256(const uint8_t *key, size_t key_len, const void *msg, siz
  * and 64 zero bits). Carry-less multiplication where the CPU has it. */
 struct devmig_ghash {
 	uint8_t h[16];
-	uint8_t hpow[256]; /* H^1..H^16 for the carry-less implementations */
+	uint8_t hpow[1024]; /* H^1..H^64 for the carry-less implementations */
 	uint8_t y[16];
 	uint8_t buf[16];
 	size_t fill;

@@ -587,7 +587,12 @@ static void test_keyed(void)
  * length and split (the Python tests check both against AES-GCM). */
 static void test_ghash_impls(void)
 {
-	uint8_t h[16], data[2000], a[16], b[16];
+	/* Lengths and splits around the aggregation boundaries: 8 blocks
+	 * (PCLMULQDQ), 64 blocks = 1024 bytes (VPCLMULQDQ). */
+	static const size_t lens[] = { 0, 7, 21, 49, 105, 217, 441, 889, 1023, 1024, 1025, 1785,
+				       2048, 2064, 3079, 4096, 4999 };
+	static uint8_t data[5000];
+	uint8_t h[16], a[16], b[16];
 	struct devmig_ghash g1, g2;
 
 	for (int i = 0; i < 16; i++)
@@ -597,8 +602,10 @@ static void test_ghash_impls(void)
 	for (int impl = DEVMIG_IMPL_X86; impl <= DEVMIG_IMPL_X86_512; impl++) {
 	if (devmig_ghash_init_impl(&g2, h, impl) == -ENOTSUP)
 		continue; /* not on this CPU */
-	for (size_t len = 0; len < sizeof(data); len = len * 2 + 7) {
-		for (size_t split = 1; split < 600; split = split * 3 + 2) {
+	for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+		size_t len = lens[li];
+
+		for (size_t split = 1; split < 3000; split = split * 3 + 2) {
 			CHECK(devmig_ghash_init_impl(&g1, h, DEVMIG_IMPL_PORTABLE) == 0);
 			CHECK(devmig_ghash_init_impl(&g2, h, impl) == 0);
 			devmig_ghash_update(&g1, data, len);
