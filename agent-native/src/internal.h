@@ -59,5 +59,9 @@ int devmig_dev_init(const struct devmig_dev_ops *ops, void *priv, int fd,
 void devmig_logf(struct devmig_dev *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Close the data session fd, if any. */
 void devmig_dev_end_session(struct devmig_dev *d);
+struct iovec;
+/* All of iov (cnt entries, modified as it goes) to fd: sendmsg without
+ * SIGPIPE on a socket, writev otherwise; 0 or -errno (stream.c). */
+int devmig_fd_writev_all(int fd, struct iovec *iov, int cnt);
 
 #endif

@@ -4,6 +4,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include "devmig/pump.h"
@@ -13,12 +14,33 @@
 /* Read size per device read: 1 MiB, the drain buffer size (see data.c) and
  * the largest stream frame, so one read becomes one frame. */
 #define PUMP_BUF (1u << 20)
+/* Buffers the pump reads into, in turn: one being read and sealed while the
+ * others are still being written to the socket by the sender thread, so
+ * reading, checksumming and encrypting run beside the socket's own copy
+ * (each is about half of the work at the source) instead of after it. */
+#define PUMP_NBUF 3
+/* Writes queued for the sender: a frame is two (its header, copied in, and
+ * its payload, a reference into a buffer), so this holds every frame the
+ * buffers can hold, and a few small writes (the stream header, the trailer). */
+#define SENDQ_LEN 16
+/* Writes up to this size that are not in a pump buffer (frame headers, the
+ * stream header, the trailer) are copied into the queue. */
+#define SENDQ_INLINE 128
+/* Writes the sender gathers into one sendmsg. */
+#define SENDQ_BATCH 8
+
 /* Rates are measured over windows of at least this long, ns: one second
  * smooths the burstiness of round-based pre-copy without lagging the
  * operator's convergence decision by more than a poll. */
 #define RATE_WINDOW_NS 1000000000LL
 
 enum pump_req { REQ_NONE, REQ_P2P, REQ_STOP_COPY };
+
+struct sendq_item {
+	const uint8_t *ptr; /* a pump buffer, or inl */
+	size_t len;
+	uint8_t inl[SENDQ_INLINE];
+};
 
 struct devmig_pump {
 	struct devmig_dev *d;
@@ -38,7 +60,20 @@ struct devmig_pump {
 	struct devmig_stream_enc enc;
 	bool keyed, sealed;
 	uint8_t key[DEVMIG_STREAM_KEY_LEN];
-	uint8_t *buf;
+	uint8_t *bufs[PUMP_NBUF];
+	unsigned cur; /* the buffer read into next */
+	/* Sender thread: writes queued items in order; items [sq_head,
+	 * sq_tail) are pending, sq_head only grows as they are written. A
+	 * buffer is read into again only once every item that refers to it
+	 * (up to buf_last[i]) is written. sq_err: the first write error. */
+	pthread_t sender;
+	pthread_cond_t sq_cv; /* items queued, or the sender told to end -> sender */
+	pthread_cond_t sq_done_cv; /* items written, or the sender ended -> pump thread */
+	struct sendq_item sq[SENDQ_LEN];
+	uint64_t sq_head, sq_tail;
+	uint64_t buf_last[PUMP_NBUF];
+	int sq_err;
+	bool sq_closing, sq_abort, sq_exited;
 	/* rate windows */
 	int64_t win_start, bw_start;
 	uint64_t win_bytes, bw_bytes;
@@ -174,6 +209,125 @@ static void answer(struct devmig_pump *p, int r)
 	pthread_mutex_unlock(&p->mu);
 }
 
+static bool in_pump_buf(const struct devmig_pump *p, const void *ptr, size_t len)
+{
+	const uint8_t *q = ptr;
+
+	for (int i = 0; i < PUMP_NBUF; i++)
+		if (q >= p->bufs[i] && q + len <= p->bufs[i] + PUMP_BUF)
+			return true;
+	return false;
+}
+
+static void *sender_main(void *arg)
+{
+	struct devmig_pump *p = arg;
+	struct iovec iov[SENDQ_BATCH];
+
+	pthread_mutex_lock(&p->mu);
+	for (;;) {
+		while (p->sq_head == p->sq_tail && !p->sq_closing && !p->sq_abort && !p->cancel)
+			pthread_cond_wait(&p->sq_cv, &p->mu);
+		if (p->sq_abort || p->cancel || p->sq_head == p->sq_tail)
+			break; /* told to drop what is left, or closing with nothing left */
+		int n = 0;
+
+		/* Items between head and tail stay put until head passes them. */
+		for (uint64_t i = p->sq_head; i < p->sq_tail && n < SENDQ_BATCH; i++, n++) {
+			const struct sendq_item *it = &p->sq[i % SENDQ_LEN];
+
+			iov[n].iov_base = (void *)(uintptr_t)it->ptr;
+			iov[n].iov_len = it->len;
+		}
+		pthread_mutex_unlock(&p->mu);
+		int r = devmig_fd_writev_all(p->fd, iov, n);
+		pthread_mutex_lock(&p->mu);
+		if (r < 0) {
+			p->sq_err = r;
+			break;
+		}
+		p->sq_head += (uint64_t)n;
+		pthread_cond_broadcast(&p->sq_done_cv);
+	}
+	p->sq_exited = true;
+	pthread_cond_broadcast(&p->sq_done_cv);
+	pthread_mutex_unlock(&p->mu);
+	return NULL;
+}
+
+/* The encoder's sink: queue the write for the sender. Its payload stays in
+ * the pump buffer it was read into (not reused until written); anything else
+ * is copied when small, or written here once the queue is empty. */
+static int sendq_out(void *ctx, const void *buf, size_t len)
+{
+	struct devmig_pump *p = ctx;
+	bool ref = in_pump_buf(p, buf, len);
+	int r;
+
+	if (!len)
+		return 0;
+	pthread_mutex_lock(&p->mu);
+	for (;;) {
+		if (p->sq_err || p->sq_exited) {
+			r = p->sq_err ? p->sq_err : -ECANCELED;
+			pthread_mutex_unlock(&p->mu);
+			return r;
+		}
+		if (p->cancel) {
+			pthread_mutex_unlock(&p->mu);
+			return -ECANCELED;
+		}
+		bool room = p->sq_tail - p->sq_head < SENDQ_LEN;
+
+		if ((ref || len <= SENDQ_INLINE) ? room : p->sq_head == p->sq_tail)
+			break;
+		pthread_cond_wait(&p->sq_done_cv, &p->mu);
+	}
+	if (!ref && len > SENDQ_INLINE) {
+		/* Large and not ours (not a path the pump takes): in order, directly. */
+		pthread_mutex_unlock(&p->mu);
+		return devmig_fd_write_all(&p->fd, buf, len);
+	}
+	struct sendq_item *it = &p->sq[p->sq_tail % SENDQ_LEN];
+
+	if (ref) {
+		it->ptr = buf;
+	} else {
+		memcpy(it->inl, buf, len);
+		it->ptr = it->inl;
+	}
+	it->len = len;
+	p->sq_tail++;
+	pthread_cond_signal(&p->sq_cv);
+	pthread_mutex_unlock(&p->mu);
+	return 0;
+}
+
+/* Wait until the sender has written everything up to item seq: 0, or its
+ * error (-ECANCELED when cancelled). */
+static int sendq_wait(struct devmig_pump *p, uint64_t seq)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&p->mu);
+	while (p->sq_head < seq && !p->sq_err && !p->sq_exited && !p->cancel)
+		pthread_cond_wait(&p->sq_done_cv, &p->mu);
+	if (p->sq_head < seq)
+		r = p->sq_err ? p->sq_err : -ECANCELED;
+	pthread_mutex_unlock(&p->mu);
+	return r;
+}
+
+static int sendq_flush(struct devmig_pump *p)
+{
+	uint64_t tail;
+
+	pthread_mutex_lock(&p->mu);
+	tail = p->sq_tail;
+	pthread_mutex_unlock(&p->mu);
+	return sendq_wait(p, tail);
+}
+
 /* Send what the device has now. 1: end of stream; 0: temporary end or a
  * request/cancel arrived; <0: error. */
 static int send_available(struct devmig_pump *p)
@@ -185,7 +339,12 @@ static int send_available(struct devmig_pump *p)
 			return -ECANCELED;
 		if (req != REQ_NONE)
 			return 0;
-		long n = devmig_data_read(p->d, p->buf, PUMP_BUF);
+		unsigned i = p->cur;
+		/* The buffer's last frame must be on the wire before it is reused. */
+		int r = sendq_wait(p, p->buf_last[i]);
+		if (r < 0)
+			return r;
+		long n = devmig_data_read(p->d, p->bufs[i], PUMP_BUF);
 		if (n == 0)
 			return 1;
 		if (n == -ENOMSG)
@@ -193,9 +352,13 @@ static int send_available(struct devmig_pump *p)
 		if (n < 0)
 			return (int)n;
 		/* the pump's own buffer: a sealed stream encrypts it in place */
-		int r = devmig_stream_enc_data_mut(&p->enc, p->buf, (size_t)n);
+		r = devmig_stream_enc_data_mut(&p->enc, p->bufs[i], (size_t)n);
 		if (r < 0)
 			return r;
+		pthread_mutex_lock(&p->mu);
+		p->buf_last[i] = p->sq_tail;
+		pthread_mutex_unlock(&p->mu);
+		p->cur = (i + 1) % PUMP_NBUF;
 		sent(p, (uint64_t)n);
 	}
 }
@@ -208,11 +371,11 @@ static long run(struct devmig_pump *p)
 	if (devmig_data_size(p->d, &expected) < 0)
 		expected = 0; /* unknown: devices without MIG_DATA_SIZE */
 	if (p->sealed)
-		r = devmig_stream_enc_begin_sealed(&p->enc, &p->d->desc, expected, p->key,
-						   devmig_fd_write_all, &p->fd);
+		r = devmig_stream_enc_begin_sealed(&p->enc, &p->d->desc, expected, p->key, sendq_out,
+						   p);
 	else
 		r = devmig_stream_enc_begin_keyed(&p->enc, &p->d->desc, expected,
-						  p->keyed ? p->key : NULL, devmig_fd_write_all, &p->fd);
+						  p->keyed ? p->key : NULL, sendq_out, p);
 	if (r < 0)
 		return r;
 	/* Pre-copy rounds until asked to stop-and-copy. */
@@ -241,6 +404,10 @@ static long run(struct devmig_pump *p)
 				return r;
 			break;
 		}
+		/* A round is complete when its bytes are on the wire. */
+		r = sendq_flush(p);
+		if (r < 0)
+			return r;
 		round_done(p);
 		if (peer_gone(p->fd))
 			return -EPIPE; /* the receiver hung up mid pre-copy */
@@ -263,6 +430,8 @@ static long run(struct devmig_pump *p)
 			break;
 	}
 	r = devmig_stream_enc_finish(&p->enc);
+	if (r == 0)
+		r = sendq_flush(p); /* the stream ends when its trailer is on the wire */
 	return r < 0 ? r : (long)p->enc.total;
 }
 
@@ -270,6 +439,17 @@ static void *thread_main(void *arg)
 {
 	struct devmig_pump *p = arg;
 	long r = run(p);
+
+	/* The sender ends: after the last write when all went well, at once
+	 * otherwise (what is still queued is not sent: the stream is
+	 * abandoned, and its receiver refuses a stream without its trailer). */
+	pthread_mutex_lock(&p->mu);
+	p->sq_closing = true;
+	if (r < 0)
+		p->sq_abort = true;
+	pthread_cond_broadcast(&p->sq_cv);
+	pthread_mutex_unlock(&p->mu);
+	pthread_join(p->sender, NULL);
 
 	pthread_mutex_lock(&p->mu);
 	p->result = r;
@@ -326,10 +506,14 @@ static int start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return -ENOMEM;
-	p->buf = malloc(PUMP_BUF);
-	if (!p->buf) {
-		free(p);
-		return -ENOMEM;
+	for (int i = 0; i < PUMP_NBUF; i++) {
+		p->bufs[i] = malloc(PUMP_BUF);
+		if (!p->bufs[i]) {
+			for (int j = 0; j < i; j++)
+				free(p->bufs[j]);
+			free(p);
+			return -ENOMEM;
+		}
 	}
 	p->d = d;
 	p->fd = out_fd;
@@ -358,13 +542,28 @@ static int start(struct devmig_dev *d, int out_fd, uint64_t bandwidth_bps,
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&p->cv, &ca);
 	pthread_cond_init(&p->done_cv, &ca);
+	pthread_cond_init(&p->sq_cv, &ca);
+	pthread_cond_init(&p->sq_done_cv, &ca);
 	pthread_condattr_destroy(&ca);
-	r = pthread_create(&p->thread, NULL, thread_main, p);
+	r = pthread_create(&p->sender, NULL, sender_main, p);
+	if (r == 0) {
+		r = pthread_create(&p->thread, NULL, thread_main, p);
+		if (r) {
+			pthread_mutex_lock(&p->mu);
+			p->sq_abort = true;
+			pthread_cond_broadcast(&p->sq_cv);
+			pthread_mutex_unlock(&p->mu);
+			pthread_join(p->sender, NULL);
+		}
+	}
 	if (r) {
 		pthread_mutex_destroy(&p->mu);
 		pthread_cond_destroy(&p->cv);
 		pthread_cond_destroy(&p->done_cv);
-		free(p->buf);
+		pthread_cond_destroy(&p->sq_cv);
+		pthread_cond_destroy(&p->sq_done_cv);
+		for (int i = 0; i < PUMP_NBUF; i++)
+			free(p->bufs[i]);
 		free(p);
 		return -r;
 	}
@@ -418,6 +617,8 @@ void devmig_pump_cancel(struct devmig_pump *p)
 	pthread_mutex_lock(&p->mu);
 	p->cancel = 1;
 	pthread_cond_broadcast(&p->cv);
+	pthread_cond_broadcast(&p->sq_cv);
+	pthread_cond_broadcast(&p->sq_done_cv);
 	pthread_mutex_unlock(&p->mu);
 }
 
@@ -467,8 +668,11 @@ void devmig_pump_free(struct devmig_pump *p)
 	pthread_mutex_destroy(&p->mu);
 	pthread_cond_destroy(&p->cv);
 	pthread_cond_destroy(&p->done_cv);
+	pthread_cond_destroy(&p->sq_cv);
+	pthread_cond_destroy(&p->sq_done_cv);
 	memset(p->key, 0, sizeof(p->key));
 	memset(&p->enc.dg.aes, 0, sizeof(p->enc.dg.aes));
-	free(p->buf);
+	for (int i = 0; i < PUMP_NBUF; i++)
+		free(p->bufs[i]);
 	free(p);
 }

@@ -167,7 +167,7 @@ int devmig_fd_write_all(void *ctx, const void *buf, size_t len)
 }
 
 /* As devmig_fd_write_all for an iovec array (modified as it goes). */
-static int fd_writev_all(int fd, struct iovec *iov, int cnt)
+int devmig_fd_writev_all(int fd, struct iovec *iov, int cnt)
 {
 	bool sock = true;
 
@@ -271,7 +271,7 @@ static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *bu
 		 * the stack and its payload from the caller's buffer. */
 		struct iovec iov[2] = { { fh, sizeof(fh) }, { (void *)(uintptr_t)buf, len } };
 
-		r = fd_writev_all(*(int *)e->ctx, iov, len ? 2 : 1);
+		r = devmig_fd_writev_all(*(int *)e->ctx, iov, len ? 2 : 1);
 	} else {
 		r = e->out(e->ctx, fh, sizeof(fh));
 		if (r == 0 && len)

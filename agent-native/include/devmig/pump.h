@@ -12,6 +12,12 @@
  * multi-device VM, STOP_COPY) are requests the thread carries out between
  * reads, and the request returns once the device has made them.
  *
+ * A second thread writes the stream to the fd: the pump thread reads the
+ * device into one of three buffers and checksums (and seals) it while the
+ * frames of the others are still being written, so the device read and the
+ * crypto run beside the socket's copy. A round counts as complete, and the
+ * pump as done, only once everything queued is written.
+ *
  * Every function returns 0 or -errno unless it says otherwise. */
 #ifndef DEVMIG_PUMP_H
 #define DEVMIG_PUMP_H
