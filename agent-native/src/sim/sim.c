@@ -69,6 +69,13 @@ struct sim {
 	uint64_t initial_end; /* saving: where PRE_COPY's initial data ends */
 	uint64_t read_seen;   /* saving: reader offset the workload last saw */
 	uint64_t dirty_frac;  /* workload: fraction of a page owed, in 1/MiB units */
+	/* Saving in STOP_COPY after PRE_COPY: the dirty pages' records (and
+	 * then the end record) are made as the reader reaches the end of what
+	 * was made, as drivers that save in chunks do, so the stop does not
+	 * wait for a copy of every dirty page (the device is stopped: its
+	 * memory no longer changes, so when a record is made does not matter). */
+	bool stop_lazy;
+	bool end_appended;
 	bool hdr_checked;     /* resuming: the header was checked */
 
 	/* Resuming: the stream is parsed and installed as it is written, as
@@ -250,13 +257,16 @@ static int append_header(struct sim *s)
 #define BATCH_PAGES 64u
 
 /* Append the records of every page (all) or of the dirty ones, in page
- * order, BATCH_PAGES records per write. A page counts as sent (its digest
+ * order, at most limit of them, BATCH_PAGES records per write. A page counts as sent (its digest
  * kept, its dirty mark cleared) only once its batch is written. */
-static int append_pages(struct sim *s, bool all)
+static int append_pages(struct sim *s, bool all, uint64_t limit)
 {
 	uint32_t idx[BATCH_PAGES];
 	uint64_t dg[BATCH_PAGES];
 	uint64_t want = all ? s->npages : s->ndirty, found = 0;
+
+	if (want > limit)
+		want = limit;
 	size_t n = 0;
 
 	for (uint64_t p = 0; p < s->npages && found < want; p++) {
@@ -290,7 +300,7 @@ static int append_pages(struct sim *s, bool all)
 
 static int append_dirty(struct sim *s)
 {
-	return s->ndirty ? append_pages(s, false) : 0;
+	return s->ndirty ? append_pages(s, false, UINT64_MAX) : 0;
 }
 
 static int append_end(struct sim *s)
@@ -301,7 +311,10 @@ static int append_end(struct sim *s)
 	 * them), and every change since is dirty and sent again first. */
 	memcpy(h, &tag, 4);
 	memcpy(h + 8, &s->dg_sum, 8);
-	return append(s, h, sizeof(h));
+	if (append(s, h, sizeof(h)) < 0)
+		return -EIO;
+	s->end_appended = true;
+	return 0;
 }
 
 static void end_session(struct sim *s)
@@ -341,6 +354,8 @@ static int open_session(struct sim *s, enum sess kind, int *user_fd)
 	s->initial_end = 0;
 	s->read_seen = 0;
 	s->dirty_frac = 0;
+	s->stop_lazy = false;
+	s->end_appended = false;
 	s->hdr_checked = false;
 	s->rx_off = 0;
 	s->rx_have = 0;
@@ -507,7 +522,7 @@ static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
 		if (r == 0)
 			r = append_header(s);
 		if (r == 0)
-			r = append_pages(s, true);
+			r = append_pages(s, true, UINT64_MAX);
 		if (r == 0)
 			r = append_end(s);
 	} else if ((from == R && to == PC) || (from == RP && to == PP)) {
@@ -519,12 +534,10 @@ static int step(struct sim *s, uint32_t from, uint32_t to, int *new_fd)
 		if (r == 0)
 			r = append_header(s);
 		if (r == 0)
-			r = append_pages(s, true);
+			r = append_pages(s, true, UINT64_MAX);
 		s->initial_end = s->appended;
 	} else if ((from == PC || from == PP) && to == SC) {
-		r = append_dirty(s);
-		if (r == 0)
-			r = append_end(s);
+		s->stop_lazy = true; /* the rest is made as it is read */
 	} else if (from == S && to == RS) {
 		r = open_session(s, SESS_RESUME, new_fd);
 	} else if (from == RS && to == S) {
@@ -644,7 +657,7 @@ static int sim_data_size(struct devmig_dev *d, uint64_t *bytes)
 	if (s->sess == SESS_SAVE) {
 		off = reader_offset(s);
 		*bytes = (s->appended > off ? s->appended - off : 0) + s->ndirty * REC_LEN;
-		if (s->state != DEVMIG_STATE_STOP_COPY)
+		if (!s->end_appended)
 			*bytes += END_LEN;
 	} else {
 		*bytes = HDR_LEN + s->npages * REC_LEN + END_LEN;
@@ -662,6 +675,18 @@ static ssize_t sim_data_read(struct devmig_dev *d, int data_fd, void *buf, size_
 	if (s->sess != SESS_SAVE)
 		return -EINVAL;
 	workload(s);
+	if (s->stop_lazy && s->state == DEVMIG_STATE_STOP_COPY && reader_offset(s) >= s->appended) {
+		/* Enough records for this read (whole batches), or the end. */
+		uint64_t pages = (len / REC_LEN + BATCH_PAGES) / BATCH_PAGES * BATCH_PAGES;
+		int r = s->ndirty ? append_pages(s, false, pages) : 0;
+
+		if (r == 0 && !s->ndirty)
+			r = append_end(s); /* with the last records, so it comes in the same read */
+		if (r < 0)
+			return r;
+		if (s->end_appended)
+			s->stop_lazy = false;
+	}
 	n = read(data_fd, buf, len);
 	if (n == 0 && len && s->end_enomsg &&
 	    (s->state == DEVMIG_STATE_PRE_COPY || s->state == DEVMIG_STATE_PRE_COPY_P2P))
