@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "devmig/stream.h"
+#include "internal.h"
 
 static uint32_t table[8][256];
 /* Lanes of the interleaved hardware loop, and the operator that moves a
@@ -65,7 +66,6 @@ static uint32_t crc_portable(uint32_t crc, const void *buf, size_t len)
 
 #if defined(__x86_64__)
 #define HAVE_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #include <nmmintrin.h>
 
@@ -215,17 +215,6 @@ TGT_FOLD static uint32_t crc_vpclmul(uint32_t crc, const void *buf, size_t len)
 	 * in crc_sse42's uninverted form once inverted back). */
 	return crc_sse42(~(uint32_t)c, p, len);
 }
-
-/* VPCLMULQDQ: CPUID leaf 7, subleaf 0, ECX bit 10 (asked directly, as
- * ghash.c does), with AVX-512F/BW (which include the OS saving the state). */
-static bool cpu_has_vpclmul(void)
-{
-	unsigned int a, b, c, d;
-
-	return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 10)) &&
-	       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-	       __builtin_cpu_supports("pclmul");
-}
 #endif
 
 static void init(void)
@@ -261,7 +250,7 @@ static void init(void)
 	fold_hi = reflect64(xpow_mod(8 * FOLD_BYTES - 1));
 	__builtin_cpu_init();
 	has_sse42 = __builtin_cpu_supports("sse4.2");
-	has_vpclmul = has_sse42 && cpu_has_vpclmul();
+	has_vpclmul = has_sse42 && __builtin_cpu_supports("pclmul") && devmig_cpu_has_vpclmul512();
 	if (has_sse42)
 		best = has_vpclmul ? crc_vpclmul : crc_sse42;
 #endif

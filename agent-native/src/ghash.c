@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "devmig/stream.h"
+#include "internal.h"
 
 #if defined(__x86_64__)
 #define HAVE_X86 1
@@ -247,11 +248,13 @@ TGT512 static void blocks_vpclmul(struct devmig_ghash *g, const uint8_t *p, size
 /* VPCLMULQDQ: CPUID leaf 7, subleaf 0, ECX bit 10; asked directly, as
  * sha256.c does for the SHA extensions, since not every compiler's
  * __builtin_cpu_supports knows it. AVX-512's own checks (which include the
- * OS saving the 512-bit state) come from __builtin_cpu_supports. */
-static bool cpu_has_vpclmul(void)
+ * OS saving the 512-bit state) come from __builtin_cpu_supports. Also used
+ * by crc32c.c. */
+bool devmig_cpu_has_vpclmul512(void)
 {
 	unsigned int a, b, c, d;
 
+	__builtin_cpu_init();
 	return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 10)) &&
 	       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
@@ -268,7 +271,7 @@ static void init(void)
 	__builtin_cpu_init();
 	has_pclmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("ssse3") &&
 		     __builtin_cpu_supports("sse4.1");
-	has_vpclmul = has_pclmul && cpu_has_vpclmul();
+	has_vpclmul = has_pclmul && devmig_cpu_has_vpclmul512();
 	if (has_pclmul)
 		best = has_vpclmul ? blocks_vpclmul : blocks_pclmul;
 #endif

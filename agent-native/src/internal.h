@@ -63,5 +63,10 @@ struct iovec;
 /* All of iov (cnt entries, modified as it goes) to fd: sendmsg without
  * SIGPIPE on a socket, writev otherwise; 0 or -errno (stream.c). */
 int devmig_fd_writev_all(int fd, struct iovec *iov, int cnt);
+#if defined(__x86_64__)
+/* The CPU has VPCLMULQDQ and AVX-512F/BW, and the OS saves their state
+ * (ghash.c; crc32c.c uses it too). */
+bool devmig_cpu_has_vpclmul512(void);
+#endif
 
 #endif

@@ -23,9 +23,12 @@
  * its payload, a reference into a buffer), so this holds every frame the
  * buffers can hold, and a few small writes (the stream header, the trailer). */
 #define SENDQ_LEN 16
-/* Writes up to this size that are not in a pump buffer (frame headers, the
- * stream header, the trailer) are copied into the queue. */
+/* Writes that are not in a pump buffer (frame headers, the stream header,
+ * the trailer: the encoder's own small buffers) are copied into the queue. */
 #define SENDQ_INLINE 128
+_Static_assert(DEVMIG_STREAM_HEADER_LEN <= SENDQ_INLINE && DEVMIG_STREAM_FRAME_HDR_LEN <= SENDQ_INLINE &&
+		       DEVMIG_STREAM_TRAILER_LEN <= SENDQ_INLINE,
+	       "every write of the encoder's own fits a queue item");
 /* Writes the sender gathers into one sendmsg. */
 #define SENDQ_BATCH 8
 
@@ -255,9 +258,9 @@ static void *sender_main(void *arg)
 	return NULL;
 }
 
-/* The encoder's sink: queue the write for the sender. Its payload stays in
- * the pump buffer it was read into (not reused until written); anything else
- * is copied when small, or written here once the queue is empty. */
+/* The encoder's sink: queue the write for the sender. A payload stays in
+ * the pump buffer it was read into (not reused until written); the
+ * encoder's own small writes are copied. */
 static int sendq_out(void *ctx, const void *buf, size_t len)
 {
 	struct devmig_pump *p = ctx;
@@ -266,6 +269,8 @@ static int sendq_out(void *ctx, const void *buf, size_t len)
 
 	if (!len)
 		return 0;
+	if (!ref && len > SENDQ_INLINE)
+		return -EINVAL; /* neither a payload nor the encoder's own (see above) */
 	pthread_mutex_lock(&p->mu);
 	for (;;) {
 		if (p->sq_err || p->sq_exited) {
@@ -277,16 +282,9 @@ static int sendq_out(void *ctx, const void *buf, size_t len)
 			pthread_mutex_unlock(&p->mu);
 			return -ECANCELED;
 		}
-		bool room = p->sq_tail - p->sq_head < SENDQ_LEN;
-
-		if ((ref || len <= SENDQ_INLINE) ? room : p->sq_head == p->sq_tail)
+		if (p->sq_tail - p->sq_head < SENDQ_LEN)
 			break;
 		pthread_cond_wait(&p->sq_done_cv, &p->mu);
-	}
-	if (!ref && len > SENDQ_INLINE) {
-		/* Large and not ours (not a path the pump takes): in order, directly. */
-		pthread_mutex_unlock(&p->mu);
-		return devmig_fd_write_all(&p->fd, buf, len);
 	}
 	struct sendq_item *it = &p->sq[p->sq_tail % SENDQ_LEN];
 

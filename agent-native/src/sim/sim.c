@@ -120,13 +120,6 @@ int devmig_dev_is_sim(const struct devmig_dev *d)
 	return to_sim(d) != NULL;
 }
 
-/* fold() mixes a page's digest with its index (page_digest_mix); the
- * digest itself is sim_digest.c's. */
-static uint64_t fold(uint64_t h, uint64_t w)
-{
-	return (((h << 23) | (h >> 41)) ^ w) * 0x9e3779b97f4a7c15ull;
-}
-
 static uint64_t sim_digest(const void *buf, size_t len, uint64_t h)
 {
 	return sim_digest_copy(NULL, buf, len, h);
@@ -137,7 +130,7 @@ static uint64_t sim_digest(const void *buf, size_t len, uint64_t h)
  * tells a page installed at the wrong index; 0 (no record yet) adds nothing. */
 static uint64_t page_digest_mix(uint64_t dg, uint64_t page)
 {
-	return dg ? fold(fold(DIGEST_BASIS, dg), page) : 0;
+	return dg ? sim_digest_fold(sim_digest_fold(DIGEST_BASIS, dg), page) : 0;
 }
 
 static void set_page_dg(struct sim *s, uint64_t page, uint64_t dg)
@@ -257,8 +250,9 @@ static int append_header(struct sim *s)
 #define BATCH_PAGES 64u
 
 /* Append the records of every page (all) or of the dirty ones, in page
- * order, at most limit of them, BATCH_PAGES records per write. A page counts as sent (its digest
- * kept, its dirty mark cleared) only once its batch is written. */
+ * order, at most limit of them, BATCH_PAGES records per write. A page
+ * counts as sent (its digest kept, its dirty mark cleared) only once its
+ * batch is written. */
 static int append_pages(struct sim *s, bool all, uint64_t limit)
 {
 	uint32_t idx[BATCH_PAGES];

@@ -36,29 +36,30 @@
  * (splitmix64's first multiplier), so keys never repeat within 2^64 steps. */
 #define KEY_STEP 0xbf58476d1ce4e5b9ull
 
-static uint64_t fold(uint64_t h, uint64_t w)
+uint64_t sim_digest_fold(uint64_t h, uint64_t w)
 {
 	return (((h << 23) | (h >> 41)) ^ w) * KEY_BASE;
 }
 
-/* The lanes, the step count, and the tail, into one value. */
+/* The lanes, then the bytes past the last whole step and their count, into
+ * one value. */
 static uint64_t finish(const uint64_t acc[LANES], const uint8_t *tail, size_t n)
 {
 	uint64_t h = 0, w;
 	size_t i = 0;
 
 	for (int l = 0; l < LANES; l++)
-		h = fold(h, acc[l]);
+		h = sim_digest_fold(h, acc[l]);
 	for (; i + 8 <= n; i += 8) {
 		memcpy(&w, tail + i, 8);
-		h = fold(h, w);
+		h = sim_digest_fold(h, w);
 	}
 	if (i < n) {
 		w = 0;
 		memcpy(&w, tail + i, n - i);
-		h = fold(h, w ^ (uint64_t)(n - i) << 56);
+		h = sim_digest_fold(h, w ^ (uint64_t)(n - i) << 56);
 	}
-	return fold(h, (uint64_t)n);
+	return sim_digest_fold(h, (uint64_t)n);
 }
 
 static uint64_t digest_portable(void *dst, const void *src, size_t len, uint64_t h)

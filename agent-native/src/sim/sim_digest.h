@@ -12,6 +12,9 @@
  * the cache (a loaded page is not read again soon), ordered only by
  * sim_digest_fence(). */
 uint64_t sim_digest_copy(void *dst, const void *src, size_t len, uint64_t h);
+/* The digest's mixing step, h = (rotl(h, 23) ^ w) * 2^64/golden ratio:
+ * also how the device mixes a page's digest with its index. */
+uint64_t sim_digest_fold(uint64_t h, uint64_t w);
 /* Orders the copies' stores before whatever follows: call once after a
  * batch of sim_digest_copy with dst, before another thread may read dst. */
 void sim_digest_fence(void);
