@@ -24,8 +24,9 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
+#include "simd_x86.h"
+
 #define TGT_AES __attribute__((target("aes,sse4.1,ssse3")))
-#define TGT_VAES __attribute__((target("aes,sse4.1,ssse3,avx512f,avx512bw,vaes")))
 
 /* One step of the AES-256 key schedule (FIPS 197 §5.2): w[i] = w[i-8] xor
  * f(w[i-1]), four words at a time; prev holds w[i-8..i-5], assist the
@@ -71,10 +72,6 @@ TGT_AES static void expand_key(const uint8_t key[32], uint8_t out[15][16])
 		_mm_storeu_si128((__m128i *)out[i], rk[i]);
 }
 
-/* Reverses bytes 8..15 (the counter, kept as a native 64-bit number in
- * the high lane so that it adds with PADDQ) and keeps the prefix. */
-#define BE_HIGH_LANE _mm_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 7, 6, 5, 4, 3, 2, 1, 0)
-
 TGT_AES static __m128i encrypt_block(const __m128i rk[15], __m128i x)
 {
 	x = _mm_xor_si128(x, rk[0]);
@@ -90,7 +87,7 @@ TGT_AES static void ctr_blocks_aesni(const uint8_t rkb[15][16], uint64_t prefix,
 				     uint8_t *p, size_t n)
 {
 	__m128i rk[15], c = _mm_set_epi64x((long long)ctr, (long long)prefix);
-	const __m128i swap = BE_HIGH_LANE, one = _mm_set_epi64x(1, 0);
+	const __m128i swap = AES_BE_HIGH_LANE, one = _mm_set_epi64x(1, 0);
 
 	for (int i = 0; i < 15; i++)
 		rk[i] = _mm_loadu_si128((const __m128i *)rkb[i]);
@@ -120,45 +117,24 @@ TGT_AES static void ctr_blocks_aesni(const uint8_t rkb[15][16], uint64_t prefix,
 	}
 }
 
-/* The same with VAES: four blocks per 512-bit register, four registers in
- * flight (16 blocks, 256 bytes, per step). */
-/* 512-bit registers encrypted side by side: VAESENC's latency is several
- * cycles, so eight independent ones keep the unit busy (5.7 GB/s with four,
- * 7 to 8.5 GB/s with eight here, in cache). */
-#define LANES_IN_FLIGHT 8
+/* The same with VAES: four blocks per 512-bit register, AES_LANES
+ * registers in flight. */
 TGT_VAES static void ctr_blocks_vaes(const uint8_t rkb[15][16], uint64_t prefix, uint64_t ctr,
 				     uint8_t *p, size_t n)
 {
-	__m512i rk[15];
-	const __m512i swap = _mm512_broadcast_i32x4(BE_HIGH_LANE);
-	const __m512i four = _mm512_broadcast_i32x4(_mm_set_epi64x(4, 0));
-	__m512i c = _mm512_add_epi64(_mm512_broadcast_i32x4(_mm_set_epi64x((long long)ctr,
-									     (long long)prefix)),
-				     _mm512_set_epi64(3, 0, 2, 0, 1, 0, 0, 0));
+	__m512i rk[15], c = aes_ctr_first(prefix, ctr);
 
-	for (int i = 0; i < 15; i++)
-		rk[i] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)rkb[i]));
-	for (; n >= 4 * LANES_IN_FLIGHT; n -= 4 * LANES_IN_FLIGHT, p += 64 * LANES_IN_FLIGHT) {
-		__m512i x[LANES_IN_FLIGHT];
+	aes_round_keys512(rkb[0], rk);
+	for (; n >= 4 * AES_LANES; n -= 4 * AES_LANES, p += 64 * AES_LANES) {
+		__m512i x[AES_LANES];
 
-		for (int j = 0; j < LANES_IN_FLIGHT; j++) {
-			x[j] = _mm512_xor_si512(_mm512_shuffle_epi8(c, swap), rk[0]);
-			c = _mm512_add_epi64(c, four);
-		}
-		for (int r = 1; r < 14; r++)
-			for (int j = 0; j < LANES_IN_FLIGHT; j++)
-				x[j] = _mm512_aesenc_epi128(x[j], rk[r]);
-		for (int j = 0; j < LANES_IN_FLIGHT; j++) {
-			x[j] = _mm512_aesenclast_epi128(x[j], rk[14]);
+		aes_keystream512(rk, &c, x);
+		for (int j = 0; j < AES_LANES; j++)
 			_mm512_storeu_si512(p + 64 * j,
 					    _mm512_xor_si512(_mm512_loadu_si512(p + 64 * j), x[j]));
-		}
 	}
-	if (n) {
-		uint64_t next = (uint64_t)_mm_extract_epi64(_mm512_castsi512_si128(c), 1);
-
-		ctr_blocks_aesni(rkb, prefix, next, p, n);
-	}
+	if (n)
+		ctr_blocks_aesni(rkb, prefix, aes_ctr_next(c), p, n);
 }
 
 /* VAES: CPUID leaf 7, subleaf 0, ECX bit 9 (asked directly, as ghash.c

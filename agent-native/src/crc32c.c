@@ -69,6 +69,8 @@ static uint32_t crc_portable(uint32_t crc, const void *buf, size_t len)
 #include <immintrin.h>
 #include <nmmintrin.h>
 
+#include "simd_x86.h"
+
 /* x^n mod P, P the CRC32C polynomial in its usual (not reflected) form,
  * x^32 + 0x1EDC6F41. */
 static uint32_t xpow_mod(unsigned n)
@@ -162,58 +164,39 @@ __attribute__((target("sse4.2"))) static uint32_t crc_sse42(uint32_t crc, const 
  * folded so far, placed where the last 256 bytes were: the CRC32
  * instruction finishes them and the tail. The register going in is xored
  * into the first four bytes (the same as starting the register there). */
-#define FOLD_BYTES 256u
 /* Below this the three-lane CRC32 loop is as fast: the fold's fixed cost
  * (the 256-byte finish, 32 dependent CRC32 steps) needs a few KiB to pay. */
 #define FOLD_MIN 2048u
 static uint64_t fold_lo, fold_hi; /* x^(63+2048), x^(2048-1) mod P, reflected */
 
-#define TGT_FOLD __attribute__((target("avx512f,avx512bw,vpclmulqdq,pclmul,sse4.2")))
-
-TGT_FOLD static __m512i fold512(__m512i acc, __m512i k, const uint8_t *next)
-{
-	/* 0x96: a ^ b ^ c in one instruction */
-	return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(acc, k, 0x00),
-					 _mm512_clmulepi64_epi128(acc, k, 0x11),
-					 _mm512_loadu_si512((const void *)next), 0x96);
-}
-
-TGT_FOLD static uint32_t crc_vpclmul(uint32_t crc, const void *buf, size_t len)
+TGT_CRC512 static uint32_t crc_vpclmul(uint32_t crc, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
-	uint8_t rest[FOLD_BYTES];
-	uint64_t c = 0;
+	__m512i a[4];
 
 	if (len < FOLD_MIN)
 		return crc_sse42(crc, buf, len);
-	const __m512i k = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)fold_hi, (long long)fold_lo));
-	__m512i a0 = _mm512_loadu_si512((const void *)p);
-	__m512i a1 = _mm512_loadu_si512((const void *)(p + 64));
-	__m512i a2 = _mm512_loadu_si512((const void *)(p + 128));
-	__m512i a3 = _mm512_loadu_si512((const void *)(p + 192));
+	const __m512i k = crc_fold_key(fold_lo, fold_hi);
 
-	a0 = _mm512_xor_si512(a0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
-	p += FOLD_BYTES;
-	len -= FOLD_BYTES;
-	for (; len >= FOLD_BYTES; p += FOLD_BYTES, len -= FOLD_BYTES) {
-		a0 = fold512(a0, k, p);
-		a1 = fold512(a1, k, p + 64);
-		a2 = fold512(a2, k, p + 128);
-		a3 = fold512(a3, k, p + 192);
-	}
-	_mm512_storeu_si512((void *)rest, a0);
-	_mm512_storeu_si512((void *)(rest + 64), a1);
-	_mm512_storeu_si512((void *)(rest + 128), a2);
-	_mm512_storeu_si512((void *)(rest + 192), a3);
-	for (size_t i = 0; i < FOLD_BYTES; i += 8) {
-		uint64_t w;
+	for (int i = 0; i < 4; i++)
+		a[i] = _mm512_loadu_si512((const void *)(p + 64 * i));
+	a[0] = _mm512_xor_si512(a[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
+	p += CRC_FOLD_BYTES;
+	len -= CRC_FOLD_BYTES;
+	for (; len >= CRC_FOLD_BYTES; p += CRC_FOLD_BYTES, len -= CRC_FOLD_BYTES)
+		for (int i = 0; i < 4; i++)
+			a[i] = crc_fold512(a[i], k, _mm512_loadu_si512((const void *)(p + 64 * i)));
+	/* The tail, shorter than 256 bytes, from the register so far. */
+	return crc_sse42(crc_fold_finish(a), p, len);
+}
 
-		memcpy(&w, rest + i, 8);
-		c = _mm_crc32_u64(c, w);
-	}
-	/* The tail, shorter than 256 bytes, from the register so far (already
-	 * in crc_sse42's uninverted form once inverted back). */
-	return crc_sse42(~(uint32_t)c, p, len);
+static void init(void);
+
+void devmig_crc32c_fold_consts(uint64_t *lo, uint64_t *hi)
+{
+	pthread_once(&init_once, init);
+	*lo = fold_lo;
+	*hi = fold_hi;
 }
 #endif
 
@@ -246,8 +229,8 @@ static void init(void)
 		}
 	best = crc_portable;
 #ifdef HAVE_X86
-	fold_lo = reflect64(xpow_mod(63 + 8 * FOLD_BYTES));
-	fold_hi = reflect64(xpow_mod(8 * FOLD_BYTES - 1));
+	fold_lo = reflect64(xpow_mod(63 + 8 * CRC_FOLD_BYTES));
+	fold_hi = reflect64(xpow_mod(8 * CRC_FOLD_BYTES - 1));
 	__builtin_cpu_init();
 	has_sse42 = __builtin_cpu_supports("sse4.2");
 	has_vpclmul = has_sse42 && __builtin_cpu_supports("pclmul") && devmig_cpu_has_vpclmul512();

@@ -31,6 +31,8 @@
 #define HAVE_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+
+#include "simd_x86.h"
 #endif
 
 static uint64_t be64(const uint8_t *p)
@@ -86,18 +88,11 @@ static void blocks_portable(struct devmig_ghash *g, const uint8_t *p, size_t n)
 /* Carry-less multiplication. Blocks are byte-reversed on load, so each
  * holds its polynomial with x^0 at the top bit of the 128-bit integer: the
  * product of two such is the reflected product shifted right by one bit,
- * which shift_reduce corrects (a left shift of the 256-bit product) before
+ * which ghash_shift_reduce (simd_x86.h) corrects (a left shift of the 256-bit product) before
  * it reduces modulo the reflected polynomial. Linear in the product, so
  * several products may be XORed together and reduced once. */
-#define TGT __attribute__((target("pclmul,ssse3,sse4.1")))
-
-TGT static inline __m128i bswap128(__m128i x)
-{
-	return _mm_shuffle_epi8(x, _mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-}
-
 /* lo/hi ^= the 256-bit carry-less product a . b */
-TGT static inline void clmul_acc(__m128i a, __m128i b, __m128i *lo, __m128i *hi)
+TGT_CLMUL static inline void clmul_acc(__m128i a, __m128i b, __m128i *lo, __m128i *hi)
 {
 	__m128i t0 = _mm_clmulepi64_si128(a, b, 0x00);
 	__m128i t1 = _mm_clmulepi64_si128(a, b, 0x10);
@@ -109,42 +104,19 @@ TGT static inline void clmul_acc(__m128i a, __m128i b, __m128i *lo, __m128i *hi)
 	*hi = _mm_xor_si128(*hi, _mm_xor_si128(t3, _mm_srli_si128(t1, 8)));
 }
 
-TGT static inline __m128i shift_reduce(__m128i lo, __m128i hi)
-{
-	/* The 256-bit hi:lo one bit to the left. */
-	__m128i c_lo = _mm_srli_epi32(lo, 31), c_hi = _mm_srli_epi32(hi, 31);
-	__m128i top = _mm_srli_si128(c_lo, 12);
-
-	lo = _mm_or_si128(_mm_slli_epi32(lo, 1), _mm_slli_si128(c_lo, 4));
-	hi = _mm_or_si128(_mm_or_si128(_mm_slli_epi32(hi, 1), _mm_slli_si128(c_hi, 4)), top);
-	/* Reduce modulo x^128 + x^7 + x^2 + x + 1, reflected: first fold the
-	 * low half's words by x^127, x^126, x^121 (left shifts 31, 30, 25)... */
-	__m128i a = _mm_xor_si128(_mm_xor_si128(_mm_slli_epi32(lo, 31), _mm_slli_epi32(lo, 30)),
-				  _mm_slli_epi32(lo, 25));
-	__m128i carry = _mm_srli_si128(a, 4);
-
-	lo = _mm_xor_si128(lo, _mm_slli_si128(a, 12));
-	/* ...then by x^1, x^2, x^7 (right shifts 1, 2, 7), into the high half. */
-	__m128i b = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi32(lo, 1), _mm_srli_epi32(lo, 2)),
-				  _mm_srli_epi32(lo, 7));
-
-	b = _mm_xor_si128(b, carry);
-	return _mm_xor_si128(hi, _mm_xor_si128(lo, b));
-}
-
-TGT static __m128i mul(__m128i a, __m128i b)
+TGT_CLMUL static __m128i mul(__m128i a, __m128i b)
 {
 	__m128i lo = _mm_setzero_si128(), hi = _mm_setzero_si128();
 
 	clmul_acc(a, b, &lo, &hi);
-	return shift_reduce(lo, hi);
+	return ghash_shift_reduce(lo, hi);
 }
 
 /* Eight blocks per reduction: Y' = (Y^X1).H^8 ^ X2.H^7 ^ ... ^ X8.H, the
  * products independent of each other, so the multiplier stays busy. */
-TGT static void blocks_pclmul(struct devmig_ghash *g, const uint8_t *p, size_t n)
+TGT_CLMUL static void blocks_pclmul(struct devmig_ghash *g, const uint8_t *p, size_t n)
 {
-	__m128i y = bswap128(_mm_loadu_si128((const __m128i *)g->y));
+	__m128i y = ghash_bswap128(_mm_loadu_si128((const __m128i *)g->y));
 	__m128i hp[8];
 
 	for (int i = 0; i < 8; i++)
@@ -153,22 +125,22 @@ TGT static void blocks_pclmul(struct devmig_ghash *g, const uint8_t *p, size_t n
 		__m128i lo = _mm_setzero_si128(), hi = _mm_setzero_si128();
 
 		for (int i = 0; i < 8; i++) {
-			__m128i x = bswap128(_mm_loadu_si128((const __m128i *)(p + 16 * i)));
+			__m128i x = ghash_bswap128(_mm_loadu_si128((const __m128i *)(p + 16 * i)));
 
 			if (i == 0)
 				x = _mm_xor_si128(x, y);
 			clmul_acc(x, hp[7 - i], &lo, &hi);
 		}
-		y = shift_reduce(lo, hi);
+		y = ghash_shift_reduce(lo, hi);
 	}
 	for (; n; n--, p += 16)
-		y = mul(_mm_xor_si128(y, bswap128(_mm_loadu_si128((const __m128i *)p))), hp[0]);
-	_mm_storeu_si128((__m128i *)g->y, bswap128(y));
+		y = mul(_mm_xor_si128(y, ghash_bswap128(_mm_loadu_si128((const __m128i *)p))), hp[0]);
+	_mm_storeu_si128((__m128i *)g->y, ghash_bswap128(y));
 }
 
-TGT static void powers_pclmul(struct devmig_ghash *g)
+TGT_CLMUL static void powers_pclmul(struct devmig_ghash *g)
 {
-	__m128i h = bswap128(_mm_loadu_si128((const __m128i *)g->h)), x = h;
+	__m128i h = ghash_bswap128(_mm_loadu_si128((const __m128i *)g->h)), x = h;
 
 	for (int i = 0; i < (int)(sizeof(g->hpow) / 16); i++) {
 		_mm_storeu_si128((__m128i *)(g->hpow + 16 * i), x);
@@ -187,62 +159,27 @@ TGT static void powers_pclmul(struct devmig_ghash *g)
  * 35 cycles) bounded the loop at half the multiplier's rate: 18 GB/s in
  * cache here; 26 GB/s with 32 blocks per group and Y apart, 34 GB/s with 64,
  * where the shuffle port (the multiplies and the byte reversal) is full. */
-#define TGT512 __attribute__((target("avx512f,avx512bw,vpclmulqdq,pclmul,ssse3,sse4.1")))
-#define GROUP 64 /* blocks per reduction; hpow holds H^1..H^GROUP */
-
-TGT512 static inline __m128i xor_lanes(__m512i v)
+TGT_CLMUL512 static void blocks_vpclmul(struct devmig_ghash *g, const uint8_t *p, size_t n)
 {
-	__m256i t = _mm256_xor_si256(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+	__m128i y = ghash_bswap128(_mm_loadu_si128((const __m128i *)g->y));
+	const __m128i hg = _mm_loadu_si128((const __m128i *)(g->hpow + 16 * (GHASH_GROUP - 1)));
+	__m512i hk[GHASH_GROUP / 4];
 
-	return _mm_xor_si128(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-}
-
-TGT512 static void blocks_vpclmul(struct devmig_ghash *g, const uint8_t *p, size_t n)
-{
-	const __m512i rev = _mm512_broadcast_i32x4(
-		_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-	__m128i y = bswap128(_mm_loadu_si128((const __m128i *)g->y));
-	const __m128i hg = _mm_loadu_si128((const __m128i *)(g->hpow + 16 * (GROUP - 1)));
-	__m512i hk[GROUP / 4];
-
-	if (n < GROUP) {
+	if (n < GHASH_GROUP) {
 		blocks_pclmul(g, p, n);
 		return;
 	}
-	/* Lane k of hk[j] multiplies block 4j + k of the group: H^(GROUP - 4j - k),
-	 * at hpow + 16 * (power - 1). */
-	for (int j = 0; j < GROUP / 4; j++) {
-		uint8_t lanes[64];
-
-		for (int k = 0; k < 4; k++)
-			memcpy(lanes + 16 * k, g->hpow + 16 * (GROUP - 1 - 4 * j - k), 16);
-		hk[j] = _mm512_loadu_si512((const void *)lanes);
-	}
-	for (; n >= GROUP; n -= GROUP, p += 16 * GROUP) {
+	ghash_group_keys(g->hpow, hk);
+	for (; n >= GHASH_GROUP; n -= GHASH_GROUP, p += 16 * GHASH_GROUP) {
 		__m512i lo = _mm512_setzero_si512(), hi = lo, mid = lo;
 
-		for (int j = 0; j < GROUP / 4; j++) {
-			__m512i x = _mm512_shuffle_epi8(_mm512_loadu_si512((const void *)(p + 64 * j)), rev);
-
-			lo = _mm512_xor_si512(lo, _mm512_clmulepi64_epi128(x, hk[j], 0x00));
-			hi = _mm512_xor_si512(hi, _mm512_clmulepi64_epi128(x, hk[j], 0x11));
-			mid = _mm512_ternarylogic_epi64(mid, _mm512_clmulepi64_epi128(x, hk[j], 0x10),
-							_mm512_clmulepi64_epi128(x, hk[j], 0x01), 0x96);
-		}
-		__m128i l = xor_lanes(lo), h = xor_lanes(hi), m = xor_lanes(mid);
-
-		/* Y's term last: everything above ran while Y was being reduced. */
-		l = _mm_xor_si128(l, _mm_clmulepi64_si128(y, hg, 0x00));
-		h = _mm_xor_si128(h, _mm_clmulepi64_si128(y, hg, 0x11));
-		m = _mm_xor_si128(m, _mm_xor_si128(_mm_clmulepi64_si128(y, hg, 0x10),
-						   _mm_clmulepi64_si128(y, hg, 0x01)));
-		l = _mm_xor_si128(l, _mm_slli_si128(m, 8));
-		h = _mm_xor_si128(h, _mm_srli_si128(m, 8));
-		y = shift_reduce(l, h);
+		for (int j = 0; j < GHASH_GROUP / 4; j++)
+			ghash_acc4(_mm512_loadu_si512((const void *)(p + 64 * j)), hk[j], &lo, &hi, &mid);
+		y = ghash_group_end(lo, hi, mid, y, hg);
 	}
-	_mm_storeu_si128((__m128i *)g->y, bswap128(y));
+	_mm_storeu_si128((__m128i *)g->y, ghash_bswap128(y));
 	if (n)
-		blocks_pclmul(g, p, n); /* the rest, fewer than GROUP blocks */
+		blocks_pclmul(g, p, n); /* the rest, fewer than GHASH_GROUP blocks */
 }
 
 /* VPCLMULQDQ: CPUID leaf 7, subleaf 0, ECX bit 10; asked directly, as
@@ -321,6 +258,16 @@ const char *devmig_ghash_impl_name(void)
 		return "pclmul";
 #endif
 	return "portable";
+}
+
+bool devmig_ghash_is_512(const struct devmig_ghash *g)
+{
+#ifdef HAVE_X86
+	return g->blocks == blocks_vpclmul;
+#else
+	(void)g;
+	return false;
+#endif
 }
 
 void devmig_ghash_update(struct devmig_ghash *g, const void *buf, size_t len)

@@ -67,6 +67,11 @@ int devmig_fd_writev_all(int fd, struct iovec *iov, int cnt);
 /* The CPU has VPCLMULQDQ and AVX-512F/BW, and the OS saves their state
  * (ghash.c; crc32c.c uses it too). */
 bool devmig_cpu_has_vpclmul512(void);
+/* The CRC32C fold's multipliers, reflected (crc32c.c). */
+void devmig_crc32c_fold_consts(uint64_t *lo, uint64_t *hi);
 #endif
+struct devmig_ghash;
+/* g runs the 512-bit GHASH (ghash.c). */
+bool devmig_ghash_is_512(const struct devmig_ghash *g);
 
 #endif

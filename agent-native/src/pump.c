@@ -284,6 +284,7 @@ static int sendq_out(void *ctx, const void *buf, size_t len)
 		}
 		if (p->sq_tail - p->sq_head < SENDQ_LEN)
 			break;
+		pthread_cond_signal(&p->sq_cv); /* a full queue: the sender has work */
 		pthread_cond_wait(&p->sq_done_cv, &p->mu);
 	}
 	struct sendq_item *it = &p->sq[p->sq_tail % SENDQ_LEN];
@@ -296,7 +297,13 @@ static int sendq_out(void *ctx, const void *buf, size_t len)
 	}
 	it->len = len;
 	p->sq_tail++;
-	pthread_cond_signal(&p->sq_cv);
+	/* The sender is woken by a payload, which comes right after its
+	 * frame's header: woken by the header alone it would send 20 bytes
+	 * on their own, and sleep again at once. Whoever waits for the queue
+	 * to drain wakes it too (sendq_wait), so a small write at the end of
+	 * a stream or round is never left behind. */
+	if (ref)
+		pthread_cond_signal(&p->sq_cv);
 	pthread_mutex_unlock(&p->mu);
 	return 0;
 }
@@ -308,6 +315,8 @@ static int sendq_wait(struct devmig_pump *p, uint64_t seq)
 	int r = 0;
 
 	pthread_mutex_lock(&p->mu);
+	if (p->sq_head < seq)
+		pthread_cond_signal(&p->sq_cv);
 	while (p->sq_head < seq && !p->sq_err && !p->sq_exited && !p->cancel)
 		pthread_cond_wait(&p->sq_done_cv, &p->mu);
 	if (p->sq_head < seq)

@@ -108,14 +108,6 @@ static int dg_keyed(struct devmig_digest *g, const uint8_t *key, const uint8_t *
 	return 0;
 }
 
-static void dg_update(struct devmig_digest *g, const void *buf, size_t len)
-{
-	if (g->kind != DEVMIG_DIGEST_SHA256)
-		devmig_mac_update(&g->mac, buf, len);
-	else
-		devmig_sha256_update(&g->sha, buf, len);
-}
-
 /* The trailer's 32 digest bytes. */
 static void dg_final(struct devmig_digest *g, uint8_t out[32])
 {
@@ -255,25 +247,29 @@ int devmig_stream_enc_begin_sealed(struct devmig_stream_enc *e, const struct dev
 	return enc_begin(e, desc, expected_size, key, DEVMIG_DIGEST_SEALED, out, ctx);
 }
 
-static int emit_frame(struct devmig_stream_enc *e, uint32_t type, const void *buf, size_t len)
+static void frame_head(const struct devmig_stream_enc *e, uint32_t type, size_t len,
+		       uint8_t fh[DEVMIG_STREAM_FRAME_HDR_LEN])
 {
-	uint8_t fh[DEVMIG_STREAM_FRAME_HDR_LEN];
-	uint32_t crc;
-	int r;
-
 	put32(fh, type);
 	put32(fh + 4, (uint32_t)len);
 	put64(fh + 8, e->seq);
-	crc = devmig_crc32c(0, fh, 16);
-	put32(fh + 16, devmig_crc32c(crc, buf, len));
+}
+
+/* The frame (its header's CRC filled in) to the sink. */
+static int send_frame(struct devmig_stream_enc *e, uint8_t fh[DEVMIG_STREAM_FRAME_HDR_LEN],
+		      const void *buf, size_t len)
+{
+	int r;
+
 	if (e->out == devmig_fd_write_all) {
 		/* One system call for the frame, its header straight from
 		 * the stack and its payload from the caller's buffer. */
-		struct iovec iov[2] = { { fh, sizeof(fh) }, { (void *)(uintptr_t)buf, len } };
+		struct iovec iov[2] = { { fh, DEVMIG_STREAM_FRAME_HDR_LEN },
+					{ (void *)(uintptr_t)buf, len } };
 
 		r = devmig_fd_writev_all(*(int *)e->ctx, iov, len ? 2 : 1);
 	} else {
-		r = e->out(e->ctx, fh, sizeof(fh));
+		r = e->out(e->ctx, fh, DEVMIG_STREAM_FRAME_HDR_LEN);
 		if (r == 0 && len)
 			r = e->out(e->ctx, buf, len);
 	}
@@ -290,17 +286,29 @@ static int enc_data(struct devmig_stream_enc *e, uint8_t *mut, const void *buf, 
 		return -EINVAL;
 	while (len) {
 		size_t n = len < DEVMIG_STREAM_MAX_FRAME ? len : DEVMIG_STREAM_MAX_FRAME;
+		uint8_t fh[DEVMIG_STREAM_FRAME_HDR_LEN];
+		uint32_t crc;
 		int r;
 
-		/* Encrypt, then checksum and MAC what goes on the wire. */
+		frame_head(e, TYPE_DATA, n, fh);
+		crc = devmig_crc32c(0, fh, 16);
+		/* Encrypt, then checksum and MAC what goes on the wire. The
+		 * digest takes the frame before it is written: a failed write
+		 * ends the stream (the peer has part of a frame). */
 		if (e->dg.kind == DEVMIG_DIGEST_SEALED)
-			devmig_aes256_ctr_xor(&e->dg.aes, seal_iv, e->total, mut + (p - (const uint8_t *)buf),
-					      n);
-		r = emit_frame(e, TYPE_DATA, p, n);
-
+			crc = devmig_frame_pass(&e->dg, DEVMIG_FRAME_SEAL, seal_iv, e->total, crc,
+						mut + (p - (const uint8_t *)buf), n, true);
+		else if (e->dg.kind == DEVMIG_DIGEST_MAC)
+			crc = devmig_frame_pass(&e->dg, DEVMIG_FRAME_MAC, NULL, 0, crc,
+						(uint8_t *)(uintptr_t)p, n, true); /* read only */
+		else {
+			crc = devmig_crc32c(crc, p, n);
+			devmig_sha256_update(&e->dg.sha, p, n);
+		}
+		put32(fh + 16, crc);
+		r = send_frame(e, fh, p, n);
 		if (r < 0)
 			return r;
-		dg_update(&e->dg, p, n);
 		e->total += n;
 		p += n;
 		len -= n;
@@ -320,14 +328,16 @@ int devmig_stream_enc_data_mut(struct devmig_stream_enc *e, void *buf, size_t le
 
 int devmig_stream_enc_finish(struct devmig_stream_enc *e)
 {
-	uint8_t t[DEVMIG_STREAM_TRAILER_LEN];
+	uint8_t t[DEVMIG_STREAM_TRAILER_LEN], fh[DEVMIG_STREAM_FRAME_HDR_LEN];
 
 	if (e->done)
 		return -EINVAL;
 	put64(t, e->total);
 	dg_final(&e->dg, t + 8);
 	e->done = 1;
-	return emit_frame(e, TYPE_TRAILER, t, sizeof(t));
+	frame_head(e, TYPE_TRAILER, sizeof(t), fh);
+	put32(fh + 16, devmig_crc32c(devmig_crc32c(0, fh, 16), t, sizeof(t)));
+	return send_frame(e, fh, t, sizeof(t));
 }
 
 /* ---- decoder ---- */
@@ -493,10 +503,22 @@ static int frame_hdr_done(struct devmig_stream_dec *d)
 
 static int frame_done(struct devmig_stream_dec *d)
 {
-	uint32_t crc = devmig_crc32c(devmig_crc32c(0, d->hdr, 16), d->payload, d->len);
+	uint32_t crc = devmig_crc32c(0, d->hdr, 16);
 	uint8_t digest[32];
 	int r;
 
+	/* A data frame's CRC, MAC and (sealed) cipher in one pass: the MAC
+	 * and the plaintext of a frame that then fails a check are never
+	 * used, as the stream fails with it. */
+	if (d->type == TYPE_TRAILER)
+		crc = devmig_crc32c(crc, d->payload, d->len);
+	else if (d->dg.kind == DEVMIG_DIGEST_SEALED)
+		crc = devmig_frame_pass(&d->dg, DEVMIG_FRAME_OPEN, seal_iv, d->total, crc, d->payload,
+					d->len, true);
+	else if (d->dg.kind == DEVMIG_DIGEST_MAC)
+		crc = devmig_frame_pass(&d->dg, DEVMIG_FRAME_MAC, NULL, 0, crc, d->payload, d->len, true);
+	else
+		crc = devmig_crc32c(crc, d->payload, d->len);
 	/* The checksum first: a frame that fails it says nothing reliable,
 	 * its sequence number included. */
 	if (crc != get32(d->hdr + 16))
@@ -515,11 +537,10 @@ static int frame_done(struct devmig_stream_dec *d)
 		d->st = D_DONE;
 		return 0;
 	}
-	dg_update(&d->dg, d->payload, d->len);
+	if (d->dg.kind == DEVMIG_DIGEST_SHA256)
+		devmig_sha256_update(&d->dg.sha, d->payload, d->len);
 	/* Checked as it came; decrypted for the device (which still gets it
 	 * before the trailer verifies, and is reset if it then does not). */
-	if (d->dg.kind == DEVMIG_DIGEST_SEALED)
-		devmig_aes256_ctr_xor(&d->dg.aes, seal_iv, d->total, d->payload, d->len);
 	d->total += d->len;
 	if (d->fn && d->len) {
 		r = d->fn(d->ctx, d->payload, d->len);

@@ -157,3 +157,54 @@ def test_hmac_sha256_matches_pythons() -> None:
         key, msg = rng.randbytes(klen), rng.randbytes(rng.randrange(300))
         want = hmac.new(key, msg, hashlib.sha256).digest()
         assert devmig_native.hmac_sha256(key, msg) == want
+
+
+ONE_PASS_FLAGS = {"vaes", "vpclmulqdq", "avx512f", "avx512bw", "aes"}
+
+
+@pytest.mark.parametrize("mode", list(devmig_native.FrameMode))
+def test_one_pass_frames_give_what_the_separate_passes_give(mode: devmig_native.FrameMode) -> None:
+    """The stream's frames through the one-pass code (VAES and VPCLMULQDQ
+    together) and through the separate passes: the same bytes, CRC32C per
+    frame and MAC tag, for frame sizes around the loop's 1 KiB step and
+    4 KiB minimum. Sealing gives AES-256-CTR's ciphertext (OpenSSL's, per
+    test_native_pump) and each frame's CRC32C is that of its ciphertext."""
+    if devmig_native.aes_impl() == "none" and mode is not devmig_native.FrameMode.MAC:
+        pytest.skip("this CPU has no AES-NI: streams are not sealed here")
+    if not _cpu_flags() >= ONE_PASS_FLAGS:
+        print("no VAES/VPCLMULQDQ on this CPU: both runs take the separate passes")
+    rng = random.Random(11)
+    key, nonce = rng.randbytes(32), rng.randbytes(16)
+    for size, frame in [
+        (3 << 20, 1 << 20),
+        (100_000, 4096),
+        (100_000, 4097),
+        (70_001, 5000),
+        (50, 16),
+    ]:
+        data = rng.randbytes(size)
+        a, b = bytearray(data), bytearray(data)
+        one = devmig_native.frame_pass(mode, key, nonce, a, frame, one_pass=True)
+        apart = devmig_native.frame_pass(mode, key, nonce, b, frame, one_pass=False)
+        assert one == apart, (mode, size, frame)
+        assert a == b
+        wire = bytes(a) if mode is devmig_native.FrameMode.SEAL else data
+        if mode is devmig_native.FrameMode.SEAL:
+            assert wire == devmig_native.aes256_ctr(key, bytes(8), 0, data)
+        if mode is devmig_native.FrameMode.OPEN:
+            assert bytes(a) == devmig_native.aes256_ctr(key, bytes(8), 0, data)
+        frames = [wire[i : i + frame] for i in range(0, size, frame)]
+        assert one[1] == [devmig_native.crc32c(f) for f in frames]
+
+
+def test_a_sealed_frame_opens_to_its_plaintext_with_the_same_sums() -> None:
+    if devmig_native.aes_impl() == "none":
+        pytest.skip("this CPU has no AES-NI: streams are not sealed here")
+    rng = random.Random(12)
+    key, nonce, data = rng.randbytes(32), rng.randbytes(16), rng.randbytes((2 << 20) + 5)
+    buf = bytearray(data)
+    sealed = devmig_native.frame_pass(devmig_native.FrameMode.SEAL, key, nonce, buf)
+    assert buf != data
+    opened = devmig_native.frame_pass(devmig_native.FrameMode.OPEN, key, nonce, buf)
+    assert bytes(buf) == data
+    assert sealed == opened

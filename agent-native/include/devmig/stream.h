@@ -157,6 +157,21 @@ struct devmig_digest {
 	struct devmig_aes256 aes;
 };
 
+/* A data frame's payload, its CRC32C returned (continued from crc, which
+ * covers the frame's header), the digest's MAC updated over the bytes on
+ * the wire (framepass.c). iv and offset: a sealed stream's counter and
+ * the payload's place in the stream.
+ *   DEVMIG_FRAME_SEAL: encrypt buf in place, then sum it;
+ *   DEVMIG_FRAME_OPEN: sum buf, then decrypt it in place;
+ *   DEVMIG_FRAME_MAC: sum buf only (iv and offset unused; buf read only).
+ * one_pass: in one pass over the bytes where this CPU has VAES and
+ * VPCLMULQDQ (the separate passes elsewhere, and around it); false: the
+ * separate passes always. Both give the same bytes, CRC and MAC; the
+ * stream uses one_pass, benchmarks and tests compare the two. */
+enum devmig_frame_mode { DEVMIG_FRAME_SEAL = 1, DEVMIG_FRAME_OPEN = 2, DEVMIG_FRAME_MAC = 3 };
+uint32_t devmig_frame_pass(struct devmig_digest *dg, enum devmig_frame_mode mode, const uint8_t iv[8],
+			   uint64_t offset, uint32_t crc, uint8_t *buf, size_t len, bool one_pass);
+
 /* Byte sink for the encoder: write all of buf or return -errno. */
 typedef int (*devmig_write_fn)(void *ctx, const void *buf, size_t len);
 /* devmig_write_fn over a file descriptor; ctx is a pointer to the int fd. */
