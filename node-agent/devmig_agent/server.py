@@ -306,7 +306,11 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         snap = self._call(
             context,
             lambda m: m.resume(
-                request.session.session_id, request.session.token, wait_s, context.is_active
+                request.session.session_id,
+                request.session.token,
+                wait_s,
+                context.is_active,
+                [(r.session_id, r.token) for r in request.vm_sessions],
             ),
         )
         return agent_pb2.ResumeResponse(status=status_message(snap))

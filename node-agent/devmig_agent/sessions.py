@@ -606,14 +606,23 @@ class SessionManager:
         token: str,
         wait_s: float = 0.0,
         alive: Callable[[], bool] = lambda: True,
+        vm_sessions: list[tuple[str, str]] | None = None,
     ) -> Snapshot:
         """Resume a verified target. ``wait_s`` > 0: wait that long for a
         stream still arriving (PREPARED), resuming as soon as it verifies;
-        still arriving after that is DEADLINE_EXCEEDED StreamNotVerified."""
+        still arriving after that is DEADLINE_EXCEEDED StreamNotVerified.
+        ``vm_sessions``: the VM's target sessions when it has several
+        devices; all go to RUNNING_P2P before any goes to RUNNING."""
         with self._lock:
             s = self._find(session_id, token)
             if s.role is not Role.TARGET:
                 raise SessionError(Code.FAILED_PRECONDITION, "WrongRole", "Resume is for targets")
+            group = [self._find(i, t) for i, t in vm_sessions or []]
+            if s not in group:
+                group.insert(0, s)
+            if len(group) > 1:
+                self._resume_group(group)
+                return self._snapshot(s)
             end = time.monotonic() + wait_s
             if s.phase is Phase.PREPARED and wait_s > 0 and not s.resume_on_verify:
                 # Journaled before the wait, as before any device action:
@@ -649,6 +658,37 @@ class SessionManager:
                     f"{s.message or 'stream not complete'}",
                 )
             return self._snapshot(s)
+
+    def _resume_group(self, group: list[Session]) -> None:
+        """Several devices of one VM: every stream verified first, then each
+        device RESUMING/STOP -> RUNNING_P2P (the kernel's own path to
+        RUNNING passes there too, one device at a time), then each to
+        RUNNING: no device initiates P2P DMA while a peer does not run yet,
+        as on the source none stopped while a peer still initiated it.
+        Repeats find the devices where they are and go on."""
+        for g in group:
+            if g.role is not Role.TARGET:
+                raise SessionError(
+                    Code.FAILED_PRECONDITION, "WrongRole", f"session {g.id} is not a target"
+                )
+            if g.phase not in (Phase.TRANSFERRED, Phase.SUCCEEDED):
+                raise SessionError(
+                    Code.FAILED_PRECONDITION,
+                    "StreamNotVerified",
+                    f"session {g.id} is {g.phase.value}: {g.message or 'stream not complete'}",
+                )
+        waiting = [g for g in group if g.device.handle.state is not MigState.RUNNING]
+        for g in waiting:
+            if (
+                g.device.handle.state is not MigState.RUNNING_P2P
+                and devmig_native.MigFlags.P2P in g.device.handle.flags
+            ):
+                self._set_state(g, MigState.RUNNING_P2P, MigState.STOP)
+                self._record(g)
+        for g in waiting:
+            self._set_state(g, MigState.RUNNING, MigState.STOP)
+            g.running_at_ns = self.clock_ns()
+            self._record(g)
 
     def finish(self, session_id: str, token: str) -> Snapshot:
         with self._lock:

@@ -190,6 +190,70 @@ def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agen
     assert b.manager.journal.get("dm-1-0").phase == "SUCCEEDED"  # type: ignore[union-attr]
 
 
+def _final(agent: Agent, ref: pb.SessionRef) -> pb.SessionStatus:
+    last = None
+    for msg in agent.stub.WatchSession(pb.WatchSessionRequest(session=ref), timeout=30):
+        last = msg.status
+        if last.phase in (pb.SESSION_PHASE_TRANSFERRED, pb.SESSION_PHASE_FAILED):
+            break
+    assert last is not None
+    return last
+
+
+def test_a_vm_s_two_devices_all_reach_running_p2p_on_the_target_before_any_runs(
+    agents: tuple[Agent, Agent],
+) -> None:
+    """The target's side of the P2P rule: as on the source no device
+    stopped while a peer still initiated P2P DMA, on the target no device
+    runs (and may initiate P2P DMA) while a peer is not yet running."""
+    a, b = agents
+    refs = [pb.SessionRef(session_id=f"dm-2-{i}", token="secret-token") for i in range(2)]
+    arcs: list[tuple[int, str]] = []
+    for i in range(2):
+        # Before any transfer: the device's native threads log too.
+        b.registry.get(f"sim-node-b-{i}").handle.set_log(lambda line, i=i: arcs.append((i, line)))
+    for i, ref in enumerate(refs):
+        dev = f"sim-node-a-{i}"
+        a.stub.PrepareSource(pb.PrepareSourceRequest(session=ref, device_id=dev), timeout=10)
+        pt = b.stub.PrepareTarget(
+            pb.PrepareTargetRequest(session=ref, device_id=f"sim-node-b-{i}"), timeout=10
+        )
+        a.stub.StartPreCopy(
+            pb.StartPreCopyRequest(session=ref, target_data_endpoint=pt.data_endpoint)
+        )
+    for ref in refs:
+        a.stub.StopAndCopy(pb.StopAndCopyRequest(session=ref, vm_sessions=refs))
+    assert [_final(b, r).phase for r in refs] == [pb.SESSION_PHASE_TRANSFERRED] * 2
+    # A group naming a session this agent does not have moves no device.
+    stray = pb.SessionRef(session_id="dm-2-x", token="secret-token")
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.Resume(pb.ResumeRequest(session=refs[0], vm_sessions=[*refs, stray]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [b.registry.get(f"sim-node-b-{i}").handle.state for i in range(2)] == [MigState.STOP] * 2
+    r = b.stub.Resume(pb.ResumeRequest(session=refs[0], vm_sessions=refs)).status
+    assert r.device_state == pb.VFIO_DEVICE_STATE_RUNNING and r.running_at_unix_nanos > 0
+    # Both devices run, each with its source's state.
+    for i, ref in enumerate(refs):
+        st = b.stub.GetSession(pb.GetSessionRequest(session=ref)).status
+        assert st.device_state == pb.VFIO_DEVICE_STATE_RUNNING and st.running_at_unix_nanos > 0
+        src = a.registry.get(f"sim-node-a-{i}").handle.stats().mem_digest  # type: ignore[attr-defined]
+        assert b.registry.get(f"sim-node-b-{i}").handle.stats().mem_digest == src  # type: ignore[attr-defined]
+    # The order the devices took: both into RUNNING_P2P, then both to RUNNING.
+    into_p2p = [n for n, (_, line) in enumerate(arcs) if line.startswith("STOP -> RUNNING_P2P")]
+    into_running = [
+        n
+        for n, (_, line) in enumerate(arcs)
+        if "-> RUNNING" in line and line.split(" -> ")[1].split()[0] == "RUNNING"
+    ]
+    assert sorted(arcs[n][0] for n in into_p2p) == [0, 1], arcs
+    assert sorted(arcs[n][0] for n in into_running) == [0, 1], arcs
+    assert max(into_p2p) < min(into_running), arcs
+    # Repeats, with or without the group, answer with the state.
+    again = b.stub.Resume(pb.ResumeRequest(session=refs[1], vm_sessions=refs)).status
+    assert again.device_state == pb.VFIO_DEVICE_STATE_RUNNING
+    assert len(arcs) == into_running[-1] + 1  # nothing moved again
+
+
 def test_abort_during_pre_copy_leaves_the_source_running_and_resets_the_target(
     agents: tuple[Agent, Agent],
 ) -> None:

@@ -46,6 +46,13 @@ def commit_patch(
     return patch
 
 
+def resume_request(refs: list[Any], i: int) -> Any:
+    """Resume for device i; with several devices, naming all of them, so
+    that the target agent takes every one to RUNNING_P2P before any runs
+    (the first such call resumes them all; the others find them RUNNING)."""
+    return agent_pb2.ResumeRequest(session=refs[i], vm_sessions=refs if len(refs) > 1 else [])
+
+
 def finished(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
     st = ctx.status
     devices = [dict(d) for d in st.get("devices") or []]
@@ -55,8 +62,8 @@ def finished(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Result:
         dst = agent_for(ctx, agents, st["targetNode"])
         if not st.get("committed"):
             dst_st = [
-                agentsmod.call(dst.stub.Resume, agent_pb2.ResumeRequest(session=r)).status
-                for r in refs
+                agentsmod.call(dst.stub.Resume, resume_request(refs, i)).status
+                for i in range(len(refs))
             ]
             src_st = [
                 agentsmod.call(src.stub.GetSession, agent_pb2.GetSessionRequest(session=r)).status

@@ -23,6 +23,7 @@ from devmig.agent.v1alpha1 import agent_pb2
 from devmig_operator import agents as agentsmod
 from devmig_operator.conditions import Phase, Reason
 from devmig_operator.context import Context
+from devmig_operator.phases import resuming
 from devmig_operator.phases.pre_copy import device_progress
 from devmig_operator.phases.preparing_target import state_name
 from devmig_operator.results import Done, Failed, Result, Wait
@@ -137,8 +138,10 @@ def streams_verified(ctx: Context, agents: agentsmod.Agents, key: bytes) -> Resu
             if s.phase in (agent_pb2.SESSION_PHASE_FAILED, agent_pb2.SESSION_PHASE_ABORTED):
                 return Failed(Reason.AGENT_ERROR, f"target session failed: {s.reason}: {s.message}")
             devices[i]["bytesReceived"] = int(s.progress.bytes_received)
-        for i, ref in enumerate(refs):
-            s = agentsmod.call(dst.stub.Resume, agent_pb2.ResumeRequest(session=ref)).status
+        # The first Resume takes all the VM's devices to RUNNING_P2P, then
+        # to RUNNING; the others answer with their device's state.
+        for i in range(len(refs)):
+            s = agentsmod.call(dst.stub.Resume, resuming.resume_request(refs, i)).status
             devices[i]["targetState"] = state_name(s.device_state)
         for i, ref in enumerate(refs):
             src_status = agentsmod.call(
