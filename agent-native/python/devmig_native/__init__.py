@@ -443,7 +443,9 @@ class Device:
 
     def set_log(self, fn: Callable[[str], object] | None) -> None:
         """Send log lines ("RUNNING -> STOP_COPY ...") to ``fn(line)``;
-        None restores stderr."""
+        None restores stderr. Takes the device's lock, which a stream
+        loading into the device holds until the stream ends: set it before
+        a transfer starts (the call waits for that stream otherwise)."""
         self._h.set_log(fn)
 
     def probe(self) -> MigFlags:
