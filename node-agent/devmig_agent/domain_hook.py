@@ -31,6 +31,12 @@ sources; other contexts (``MigrationSource``) return the domain unchanged.
 The socket path follows KubeVirt's rules for sidecar sockets:
 ``/var/run/kubevirt-plugin/<plugin name>/<file>.sock``, a clean path of at
 most 108 bytes (default ``/var/run/kubevirt-plugin/devmig/domain.sock``).
+
+Who may call: the socket lies in a directory the pod's containers share, so
+the hook checks each caller's kernel credentials (``uds_gate``): root, the
+hook's own uid and ``--allow-uid`` (default 107, the ``qemu`` user
+virt-launcher runs a non-root VM as); any other process in the pod gets
+PERMISSION_DENIED with reason PeerNotAllowed.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ import posixpath
 import re
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from concurrent import futures
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from xml.parsers import expat
 
@@ -54,6 +60,7 @@ from kubevirt.hooks.plugins.v1alpha1 import api_pb2  # type: ignore[import-untyp
 
 from devmig_agent import atomicfile
 from devmig_agent.hooks_kubevirt import prepare_socket_path
+from devmig_agent.uds_gate import PeerGate
 
 log = logging.getLogger(__name__)
 
@@ -435,10 +442,25 @@ def check_socket_path(path: str, plugin_name: str) -> None:
         raise ValueError(f"{path}: not a clean path")
 
 
-def serve(hook: DomainHook, socket_path: str, *, max_workers: int = MAX_WORKERS) -> grpc.Server:
-    """Start ``DomainHookService`` on ``socket_path`` (stale socket removed first)."""
+# The uid virt-launcher's compute container runs a non-root VM as (KubeVirt's
+# "qemu" user): the domain hook's caller.
+VIRT_LAUNCHER_UID = 107
+
+
+def serve(
+    hook: DomainHook,
+    socket_path: str,
+    *,
+    allowed_uids: Iterable[int] = (VIRT_LAUNCHER_UID,),
+    on_refused: Callable[[int, int], None] | None = None,
+    max_workers: int = MAX_WORKERS,
+) -> PeerGate:
+    """Serve ``DomainHookService`` on ``socket_path`` (stale socket removed
+    first); the caller stops the gate. Root, this process's uid and
+    ``allowed_uids`` may call; others get PERMISSION_DENIED (PeerNotAllowed),
+    checked by their kernel credentials. The file is 0666 when uids other
+    than root may call (the check alone decides), else 0600."""
     prepare_socket_path(socket_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     rpcs = {
         "MutateDomain": grpc.unary_unary_rpc_method_handler(
             hook.rpc,
@@ -446,11 +468,19 @@ def serve(hook: DomainHook, socket_path: str, *, max_workers: int = MAX_WORKERS)
             response_serializer=api_pb2.MutateDomainResponse.SerializeToString,
         )
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, rpcs),))
-    if server.add_insecure_port(f"unix://{socket_path}") == 0:
-        raise OSError(f"cannot listen on {socket_path}")
-    server.start()
-    return server
+    extra = frozenset({os.getuid(), *allowed_uids}) - {0}
+    gate = PeerGate(
+        socket_path,
+        lambda server: server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, rpcs),)
+        ),
+        extra,
+        max_workers=max_workers,
+        on_refused=on_refused
+        or (lambda pid, uid: log.warning("refused a caller: pid %d, uid %d", pid, uid)),
+    )
+    gate.start(0o666 if extra else 0o600)
+    return gate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,6 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin-name", default=DEFAULT_PLUGIN_NAME, help="the Plugin CR's name")
     p.add_argument("--socket", default=None, help=f"default: {DEFAULT_SOCKET} for plugin devmig")
     p.add_argument("--devices-dir", default=DEFAULT_DEVICES_DIR)
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=None,
+        help=f"a uid that may call besides root and this process's (repeatable; "
+        f"default {VIRT_LAUNCHER_UID}, virt-launcher's qemu user)",
+    )
     p.add_argument(
         "--no-socket-check",
         action="store_true",
@@ -475,11 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             log.error("%s", e)
             return 2
-    server = serve(DomainHook(a.devices_dir), socket_path)
+    allowed = a.allow_uid if a.allow_uid is not None else [VIRT_LAUNCHER_UID]
+    gate = serve(DomainHook(a.devices_dir), socket_path, allowed_uids=allowed)
     # Machine-readable first line, as devmig-agent prints its address.
     print(f"LISTENING unix://{socket_path}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=5))
-    server.wait_for_termination()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    gate.stop(grace=5).wait()
     return 0
 
 

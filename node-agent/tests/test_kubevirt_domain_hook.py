@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
+from peer_uid import connect_as, relayed
 
 from devmig_agent import domain_hook
 from devmig_agent.domain_hook import DomainDevice, DomainHook, DomainHookError
@@ -271,6 +272,38 @@ def test_the_sidecar_attaches_the_devices_the_agent_wrote_for_this_vmi(
     assert written == f"{devices_dir}/vms_db.json"
     out = mutate(path, context, DOMAIN, DEVMIG_VMI)
     assert out == domain_hook.mutate_domain(DOMAIN, [GPU, VGPU])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_only_root_the_hook_s_own_uid_and_virt_launcher_s_may_call_the_sidecar(
+    sock_dir: str,
+) -> None:
+    """Every container of the pod shares the socket's directory: another
+    process there, of another uid, is refused by its kernel credentials and
+    never sees a device; virt-launcher's qemu user (107) is served."""
+    path, devices_dir = f"{sock_dir}/domain.sock", f"{sock_dir}/devices"
+    domain_hook.write_devices_file(devices_dir, "vms", "db", "vmi-uid-1", [GPU])
+    refused: list[int] = []
+    gate = domain_hook.serve(
+        DomainHook(devices_dir, env={}), path, on_refused=lambda _pid, uid: refused.append(uid)
+    )
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o666  # the credential check decides
+        os.chmod(sock_dir, 0o755)  # mkdtemp's 0700 would stop any non-root peer
+        with (
+            relayed(connect_as(65534, path), sock_dir) as local,
+            pytest.raises(grpc.RpcError) as ei,
+        ):
+            mutate(local, "Boot", PLAIN, DEVMIG_VMI)
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert ei.value.details().startswith("PeerNotAllowed: ")
+        assert refused == [65534]
+        with relayed(connect_as(domain_hook.VIRT_LAUNCHER_UID, path), sock_dir) as local:
+            out = mutate(local, "Boot", PLAIN, DEVMIG_VMI)
+        assert [h.get("type") for h in hostdevs(out)] == ["pci"]
+    finally:
+        gate.stop(grace=None).wait()
+    assert not os.path.exists(path)
 
 
 def test_the_migration_source_context_and_vmis_without_devmig_devices_pass_unchanged(

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from kubevirt.hooks.plugins.v1alpha1 import api_pb2, api_pb2_grpc
+from peer_uid import connect_as, relayed
 
 from devmig_agent import hooks_kubevirt, uds_gate
 from devmig_agent.hooks_kubevirt import HookError, HookErrorKind, HookVmi
@@ -372,52 +373,10 @@ def test_only_the_sockets_owner_may_connect(served: str) -> None:
     s.close()
 
 
-def connect_as(uid: int, path: str) -> socket.socket:
-    """A connection to ``path`` made by a child process running as ``uid``
-    and handed back over SCM_RIGHTS: the kernel keeps the child's
-    credentials on it (SO_PEERCRED is fixed at connect)."""
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            parent.close()
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(path)
-                socket.send_fds(child, [b"x"], [s.fileno()])
-        finally:
-            os._exit(0)
-    child.close()
-    with parent:
-        _msg, fds, _flags, _addr = socket.recv_fds(parent, 1, 1)
-    os.waitpid(pid, 0)
-    assert fds, "the child could not connect"
-    return socket.socket(fileno=fds[0])
-
-
 def call_over(conn: socket.socket, sock_dir: str, hook_point: str) -> Any:
-    """One ExecuteNodeHook call carried by ``conn`` (gRPC in Python dials
-    its own connections, so a local socket is relayed onto this one)."""
-    local = tempfile.mktemp(prefix="relay-", suffix=".sock", dir=sock_dir)
-    lst = socket.socket(socket.AF_UNIX)
-    lst.bind(local)
-    lst.listen(1)
-
-    def relay() -> None:
-        c, _ = lst.accept()
-        back = threading.Thread(target=uds_gate.pipe, args=(conn, c), daemon=True)
-        back.start()
-        uds_gate.pipe(c, conn)
-        back.join()
-        c.close()
-        conn.close()
-
-    t = threading.Thread(target=relay, daemon=True)
-    t.start()
-    try:
+    """One ExecuteNodeHook call carried by ``conn``."""
+    with relayed(conn, sock_dir) as local:
         return call(local, hook_point, vmi_json())
-    finally:
-        lst.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
