@@ -115,8 +115,6 @@ pass512(struct devmig_digest *dg, uint64_t prefix, uint64_t block, uint32_t *crc
 		for (size_t off = 0; off < n; off += 64)
 			absorb(&s, hk, _mm512_loadu_si512((const void *)(p + off)), crc_in);
 	} else {
-		const __m512i swap = _mm512_broadcast_i32x4(AES_BE_HIGH_LANE);
-		const __m512i four = _mm512_broadcast_i32x4(_mm_set_epi64x(4, 0));
 		uint8_t *prev = NULL;
 
 		aes_round_keys512(dg->aes.rk[0], rk);
@@ -127,10 +125,7 @@ pass512(struct devmig_digest *dg, uint64_t prefix, uint64_t block, uint32_t *crc
 			uint8_t *sum = m == OPEN ? q : prev;
 			__m512i x[AES_LANES];
 
-			for (unsigned j = 0; j < AES_LANES; j++) {
-				x[j] = _mm512_xor_si512(_mm512_shuffle_epi8(ctr, swap), rk[0]);
-				ctr = _mm512_add_epi64(ctr, four);
-			}
+			aes_ctr_blocks512(rk[0], &ctr, x);
 #pragma GCC unroll 13
 			for (unsigned r = 1; r < 14; r++) {
 				for (unsigned j = 0; j < AES_LANES; j++)

@@ -168,17 +168,25 @@ TGT_VAES static inline void aes_round_keys512(const uint8_t *rkb, __m512i rk[15]
 		rk[i] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(rkb + 16 * i)));
 }
 
-/* The keystream of the next AES_LANES registers (4 * AES_LANES blocks)
- * from counter *c, which moves on past them. */
-TGT_VAES static inline void aes_keystream512(const __m512i rk[15], __m512i *c, __m512i x[AES_LANES])
+/* The next AES_LANES registers of counter blocks from *c (which moves on
+ * past them), byte-ordered and whitened with round key 0: the input of
+ * the first round. */
+TGT_VAES static inline void aes_ctr_blocks512(__m512i rk0, __m512i *c, __m512i x[AES_LANES])
 {
 	const __m512i swap = _mm512_broadcast_i32x4(AES_BE_HIGH_LANE);
 	const __m512i four = _mm512_broadcast_i32x4(_mm_set_epi64x(4, 0));
 
 	for (int j = 0; j < AES_LANES; j++) {
-		x[j] = _mm512_xor_si512(_mm512_shuffle_epi8(*c, swap), rk[0]);
+		x[j] = _mm512_xor_si512(_mm512_shuffle_epi8(*c, swap), rk0);
 		*c = _mm512_add_epi64(*c, four);
 	}
+}
+
+/* The keystream of the next AES_LANES registers (4 * AES_LANES blocks)
+ * from counter *c, which moves on past them. */
+TGT_VAES static inline void aes_keystream512(const __m512i rk[15], __m512i *c, __m512i x[AES_LANES])
+{
+	aes_ctr_blocks512(rk[0], c, x);
 	for (int r = 1; r < 14; r++)
 		for (int j = 0; j < AES_LANES; j++)
 			x[j] = _mm512_aesenc_epi128(x[j], rk[r]);

@@ -108,6 +108,22 @@ static int dg_keyed(struct devmig_digest *g, const uint8_t *key, const uint8_t *
 	return 0;
 }
 
+/* A data frame's payload through the stream's sums, its CRC32C continued
+ * from crc (the frame header's) and returned: the MAC (and, sealed, the
+ * cipher: encrypting before the sums, or after them when opening) in one
+ * pass where the CPU allows (framepass.c), or SHA-256. */
+static uint32_t sum_payload(struct devmig_digest *g, bool opening, uint64_t offset, uint32_t crc,
+			    uint8_t *buf, size_t len)
+{
+	if (g->kind == DEVMIG_DIGEST_SEALED)
+		return devmig_frame_pass(g, opening ? DEVMIG_FRAME_OPEN : DEVMIG_FRAME_SEAL, seal_iv,
+					 offset, crc, buf, len, true);
+	if (g->kind == DEVMIG_DIGEST_MAC)
+		return devmig_frame_pass(g, DEVMIG_FRAME_MAC, NULL, 0, crc, buf, len, true);
+	devmig_sha256_update(&g->sha, buf, len);
+	return devmig_crc32c(crc, buf, len);
+}
+
 /* The trailer's 32 digest bytes. */
 static void dg_final(struct devmig_digest *g, uint8_t out[32])
 {
@@ -291,20 +307,12 @@ static int enc_data(struct devmig_stream_enc *e, uint8_t *mut, const void *buf, 
 		int r;
 
 		frame_head(e, TYPE_DATA, n, fh);
-		crc = devmig_crc32c(0, fh, 16);
-		/* Encrypt, then checksum and MAC what goes on the wire. The
-		 * digest takes the frame before it is written: a failed write
-		 * ends the stream (the peer has part of a frame). */
-		if (e->dg.kind == DEVMIG_DIGEST_SEALED)
-			crc = devmig_frame_pass(&e->dg, DEVMIG_FRAME_SEAL, seal_iv, e->total, crc,
-						mut + (p - (const uint8_t *)buf), n, true);
-		else if (e->dg.kind == DEVMIG_DIGEST_MAC)
-			crc = devmig_frame_pass(&e->dg, DEVMIG_FRAME_MAC, NULL, 0, crc,
-						(uint8_t *)(uintptr_t)p, n, true); /* read only */
-		else {
-			crc = devmig_crc32c(crc, p, n);
-			devmig_sha256_update(&e->dg.sha, p, n);
-		}
+		/* Encrypt, then checksum and MAC what goes on the wire; only a
+		 * sealed stream writes (into mut). The digest takes the frame
+		 * before it is written: a failed write ends the stream (the
+		 * peer has part of a frame). */
+		crc = sum_payload(&e->dg, false, e->total, devmig_crc32c(0, fh, 16),
+				  mut ? mut + (p - (const uint8_t *)buf) : (uint8_t *)(uintptr_t)p, n);
 		put32(fh + 16, crc);
 		r = send_frame(e, fh, p, n);
 		if (r < 0)
@@ -507,18 +515,13 @@ static int frame_done(struct devmig_stream_dec *d)
 	uint8_t digest[32];
 	int r;
 
-	/* A data frame's CRC, MAC and (sealed) cipher in one pass: the MAC
+	/* A data frame's CRC, digest and (sealed) cipher together: the digest
 	 * and the plaintext of a frame that then fails a check are never
 	 * used, as the stream fails with it. */
 	if (d->type == TYPE_TRAILER)
 		crc = devmig_crc32c(crc, d->payload, d->len);
-	else if (d->dg.kind == DEVMIG_DIGEST_SEALED)
-		crc = devmig_frame_pass(&d->dg, DEVMIG_FRAME_OPEN, seal_iv, d->total, crc, d->payload,
-					d->len, true);
-	else if (d->dg.kind == DEVMIG_DIGEST_MAC)
-		crc = devmig_frame_pass(&d->dg, DEVMIG_FRAME_MAC, NULL, 0, crc, d->payload, d->len, true);
 	else
-		crc = devmig_crc32c(crc, d->payload, d->len);
+		crc = sum_payload(&d->dg, true, d->total, crc, d->payload, d->len);
 	/* The checksum first: a frame that fails it says nothing reliable,
 	 * its sequence number included. */
 	if (crc != get32(d->hdr + 16))
@@ -537,8 +540,6 @@ static int frame_done(struct devmig_stream_dec *d)
 		d->st = D_DONE;
 		return 0;
 	}
-	if (d->dg.kind == DEVMIG_DIGEST_SHA256)
-		devmig_sha256_update(&d->dg.sha, d->payload, d->len);
 	/* Checked as it came; decrypted for the device (which still gets it
 	 * before the trailer verifies, and is reset if it then does not). */
 	d->total += d->len;

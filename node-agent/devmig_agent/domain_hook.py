@@ -468,18 +468,17 @@ def serve(
             response_serializer=api_pb2.MutateDomainResponse.SerializeToString,
         )
     }
-    extra = frozenset({os.getuid(), *allowed_uids}) - {0}
     gate = PeerGate(
         socket_path,
         lambda server: server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, rpcs),)
         ),
-        extra,
+        {os.getuid(), *allowed_uids},
         max_workers=max_workers,
         on_refused=on_refused
         or (lambda pid, uid: log.warning("refused a caller: pid %d, uid %d", pid, uid)),
     )
-    gate.start(0o666 if extra else 0o600)
+    gate.start()
     return gate
 
 

@@ -333,13 +333,12 @@ def serve_node_hooks(
     called for each refused caller.
     """
     prepare_socket_path(socket_path)
-    extra = frozenset(allowed_uids) - {0}
     gate = PeerGate(
         socket_path,
         lambda server: add_node_hook_service(server, hooks),
-        extra,
+        allowed_uids,
         max_workers=max_workers,
         on_refused=on_refused,
     )
-    gate.start(0o666 if extra else 0o600)
+    gate.start()
     return gate

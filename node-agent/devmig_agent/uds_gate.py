@@ -122,9 +122,14 @@ class PeerGate:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, mode: int) -> None:
+    def start(self, mode: int | None = None) -> None:
         """Start both servers, then listen on the public path with ``mode``
-        (the socket's existence is what tells callers it is ready)."""
+        (the socket's existence is what tells callers it is ready). By
+        default the mode the allowed uids call for, the file mode being a
+        first fence: 0600 when only root may call, else 0666 and the
+        credential check alone decides."""
+        if mode is None:
+            mode = 0o600 if self.allowed_uids == {0} else 0o666
         self._private = tempfile.mkdtemp(prefix="devmig-gate-")  # mode 0700
         self._allowed_path = os.path.join(self._private, "allowed.sock")
         self._denied_path = os.path.join(self._private, "denied.sock")

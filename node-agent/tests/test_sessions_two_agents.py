@@ -74,9 +74,9 @@ def until_rounds(a: Agent, n: int) -> pb.SessionStatus:
     raise AssertionError("pre-copy never reached the rounds")
 
 
-def target_final(b: Agent) -> pb.SessionStatus:
+def target_final(b: Agent, ref: pb.SessionRef = REF) -> pb.SessionStatus:
     last = None
-    for msg in b.stub.WatchSession(pb.WatchSessionRequest(session=REF), timeout=30):
+    for msg in b.stub.WatchSession(pb.WatchSessionRequest(session=ref), timeout=30):
         last = msg.status
         if last.phase in (pb.SESSION_PHASE_TRANSFERRED, pb.SESSION_PHASE_FAILED):
             break
@@ -190,16 +190,6 @@ def test_a_device_migrates_from_one_agent_to_the_other(agents: tuple[Agent, Agen
     assert b.manager.journal.get("dm-1-0").phase == "SUCCEEDED"  # type: ignore[union-attr]
 
 
-def _final(agent: Agent, ref: pb.SessionRef) -> pb.SessionStatus:
-    last = None
-    for msg in agent.stub.WatchSession(pb.WatchSessionRequest(session=ref), timeout=30):
-        last = msg.status
-        if last.phase in (pb.SESSION_PHASE_TRANSFERRED, pb.SESSION_PHASE_FAILED):
-            break
-    assert last is not None
-    return last
-
-
 def test_a_vm_s_two_devices_all_reach_running_p2p_on_the_target_before_any_runs(
     agents: tuple[Agent, Agent],
 ) -> None:
@@ -223,7 +213,7 @@ def test_a_vm_s_two_devices_all_reach_running_p2p_on_the_target_before_any_runs(
         )
     for ref in refs:
         a.stub.StopAndCopy(pb.StopAndCopyRequest(session=ref, vm_sessions=refs))
-    assert [_final(b, r).phase for r in refs] == [pb.SESSION_PHASE_TRANSFERRED] * 2
+    assert [target_final(b, r).phase for r in refs] == [pb.SESSION_PHASE_TRANSFERRED] * 2
     # A group naming a session this agent does not have moves no device.
     stray = pb.SessionRef(session_id="dm-2-x", token="secret-token")
     with pytest.raises(grpc.RpcError) as e:
