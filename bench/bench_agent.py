@@ -41,7 +41,7 @@ agent_inventory_64
     machine's /sys/bus/pci/devices reading each function's vendor, device,
     class and driver. Ratio: walk / inventory (>= 1: cheaper than a walk).
 
-    uv run --no-sync python bench/bench_agent.py [--gib-mib N] [--repeat N]
+    uv run --no-sync python bench/bench_agent.py [--mib N] [--repeat N] [--only tls|plain]
 """
 
 from __future__ import annotations
@@ -304,13 +304,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024, help="device state for throughput, MiB")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the median counts")
+    ap.add_argument(
+        "--only",
+        choices=("tls", "plain"),
+        help="only that transfer figure (to compare two builds of the data path quickly)",
+    )
     args = ap.parse_args()
     med = statistics.median
     figs: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="devmig-bench-") as d:
         root = pathlib.Path(d)
         transfer(root / "warm-up", args.mib * MIB, False)
-        for tls in (True, False):
+        for tls in (True, False) if not args.only else (args.only == "tls",):
             rates, cpus, raws, aess, ratios = [], [], [], [], []
             for i in range(args.repeat):
                 n, dt, dc = transfer(root / f"t{int(tls)}{i}", args.mib * MIB, tls)
@@ -340,7 +345,7 @@ def main() -> None:
                 fig["aes_256_gcm_one_core"] = round(med(aess))
                 fig["transport"] = "sealed" if datapath.can_seal() else "tls relay"
             figs.append(fig)
-        for mib in (1, 64, 512):
+        for mib in (1, 64, 512) if not args.only else ():
             wins, bases, ratios, residuals = [], [], [], []
             for i in range(args.repeat):
                 seconds, residual, rtt = window(root / f"w{mib}-{i}", mib * MIB)
@@ -361,27 +366,28 @@ def main() -> None:
                     "repeats": args.repeat,
                 }
             )
-        agent, bare = idle_rss(root)
-        figs.append(
-            {
-                "name": "agent_idle_rss",
-                "value": agent,
-                "baseline": bare,
-                "unit": "B",
-                "ratio": round(bare / agent, 3),
-            }
-        )
-        inv, walk, functions = inventory_time()
-        figs.append(
-            {
-                "name": "agent_inventory_64",
-                "value": round(inv, 6),
-                "baseline": round(walk, 6),
-                "unit": "s",
-                "ratio": round(walk / inv, 3),
-                "pci_functions_walked": functions,
-            }
-        )
+        if not args.only:
+            agent, bare = idle_rss(root)
+            figs.append(
+                {
+                    "name": "agent_idle_rss",
+                    "value": agent,
+                    "baseline": bare,
+                    "unit": "B",
+                    "ratio": round(bare / agent, 3),
+                }
+            )
+            inv, walk, functions = inventory_time()
+            figs.append(
+                {
+                    "name": "agent_inventory_64",
+                    "value": round(inv, 6),
+                    "baseline": round(walk, 6),
+                    "unit": "s",
+                    "ratio": round(walk / inv, 3),
+                    "pci_functions_walked": functions,
+                }
+            )
     for f in figs:
         print(json.dumps(f))
 
