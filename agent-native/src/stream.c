@@ -742,7 +742,7 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 	 * asking for the rest of what it is filling; buf only takes what
 	 * comes after the trailer. */
 	uint8_t *buf;
-	int r, lowat, bulk;
+	int r, lowat = 0, bulk;
 
 	if (d->state != DEVMIG_STATE_RESUMING || d->data_fd < 0 || d->poisoned)
 		return -EINVAL;
@@ -755,13 +755,6 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 		free(buf);
 		return r;
 	}
-	/* A socket wakes its reader when a whole frame is there (or what the
-	 * read asks for, when less), not at every segment: one wake-up and
-	 * one read per 1 MiB frame instead of two or three, each wake-up
-	 * costing both ends CPU (7% of a sealed transfer's, measured).
-	 * Anything but a socket refuses the option, which changes nothing. */
-	lowat = DEVMIG_STREAM_MAX_FRAME;
-	(void)setsockopt(in_fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat));
 	bulk = devmig_sched_bulk_begin();
 	for (;;) {
 		uint8_t *dst;
@@ -773,6 +766,21 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 		if (!want) {
 			dst = buf;
 			want = LOAD_TAIL;
+		}
+		/* The socket wakes this reader once the rest of what it is
+		 * filling is there (a frame's header, or its payload), not at
+		 * every segment: one wake-up and one read per 1 MiB frame
+		 * instead of two or three, each wake-up costing both ends CPU
+		 * (7% of a sealed transfer's, measured). The mark is always
+		 * exactly what the read needs: TCP wakes a sleeping reader only
+		 * once that much is queued, so a higher mark would leave a
+		 * round's short last frame, or the trailer, unread until more
+		 * came. Anything but a socket refuses the option: never asked
+		 * again. */
+		if (lowat >= 0 && (size_t)lowat != (dst == buf ? 1 : want)) {
+			int v = dst == buf ? 1 : (int)want; /* after the trailer: any byte, or the end */
+
+			lowat = setsockopt(in_fd, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof(v)) == 0 ? v : -1;
 		}
 		n = read(in_fd, dst, want);
 		if (n < 0 && errno == EINTR)
