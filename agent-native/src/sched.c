@@ -9,8 +9,9 @@
  * each other about once per frame (1 MiB): with both ends of a transfer
  * on two CPUs, each wake-up preempted the pump mid-frame, and the
  * threads took turns with a CPU idle between them. As SCHED_BATCH they
- * ran 10% faster on average over ten interleaved 1 GiB transfers, and
- * with less spread (docs/benchmarks.md, "Bulk threads").
+ * ran 10% faster on average over twenty 1 GiB transfers, the builds with
+ * and without taking turns, and with less spread (docs/benchmarks.md,
+ * "Bulk threads").
  *
  * Only a SCHED_OTHER thread is changed: a real-time or idle policy set by
  * whoever runs the agent is theirs to keep. A refusal (a seccomp filter)

@@ -1,6 +1,7 @@
 /* The devmig stream (include/devmig/stream.h): encoder, incremental
  * decoder, and the save/load paths between a device and a file or socket. */
 #include <errno.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -742,7 +743,7 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 	 * asking for the rest of what it is filling; buf only takes what
 	 * comes after the trailer. */
 	uint8_t *buf;
-	int r, lowat = 0, bulk;
+	int r, lowat = 0, mark, bulk;
 
 	if (d->state != DEVMIG_STATE_RESUMING || d->data_fd < 0 || d->poisoned)
 		return -EINVAL;
@@ -771,16 +772,30 @@ static int load(struct devmig_dev *d, int in_fd, uint64_t *received, const uint8
 		 * filling is there (a frame's header, or its payload), not at
 		 * every segment: one wake-up and one read per 1 MiB frame
 		 * instead of two or three, each wake-up costing both ends CPU
-		 * (7% of a sealed transfer's, measured). The mark is always
-		 * exactly what the read needs: TCP wakes a sleeping reader only
-		 * once that much is queued, so a higher mark would leave a
-		 * round's short last frame, or the trailer, unread until more
-		 * came. Anything but a socket refuses the option: never asked
-		 * again. */
-		if (lowat >= 0 && (size_t)lowat != (dst == buf ? 1 : want)) {
-			int v = dst == buf ? 1 : (int)want; /* after the trailer: any byte, or the end */
+		 * (7% of a sealed transfer's, measured). Two details of TCP's
+		 * low mark decide how:
+		 * - it wakes a sleeping reader only once the mark's worth is
+		 *   unread, whatever the read asked for, so the mark is always
+		 *   exactly what this read needs (a higher one would leave a
+		 *   round's short last frame unread until more came);
+		 * - it counts from what is unread, so a read that copied part
+		 *   of what it needs and slept for the rest would wait for a
+		 *   whole mark more: poll() waits for all of it instead, and
+		 *   the read then takes it in one go.
+		 * Anything but a socket refuses the option: never asked again,
+		 * and read() alone waits as before. */
+		mark = dst == buf ? 1 : (int)want; /* after the trailer: any byte, or the end */
+		if (lowat >= 0 && lowat != mark)
+			lowat = setsockopt(in_fd, SOL_SOCKET, SO_RCVLOWAT, &mark, sizeof(mark)) == 0 ? mark : -1;
+		if (lowat > 1) {
+			struct pollfd pfd = { .fd = in_fd, .events = POLLIN };
 
-			lowat = setsockopt(in_fd, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof(v)) == 0 ? v : -1;
+			if (poll(&pfd, 1, -1) < 0) {
+				if (errno == EINTR)
+					continue;
+				r = -errno;
+				break;
+			}
 		}
 		n = read(in_fd, dst, want);
 		if (n < 0 && errno == EINTR)

@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <netinet/in.h>
 #include <stdbool.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -376,6 +377,79 @@ static void test_a_round_shorter_than_a_frame_is_loaded_at_once_over_tcp(void)
 	devmig_dev_close(dst);
 }
 
+/* A thread's scheduler state letter from /proc ('S': asleep), 0 if none. */
+static char state_of(pid_t tid)
+{
+	char path[64], line[1024];
+	FILE *f;
+	char *q;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+	f = fopen(path, "r");
+	if (!f)
+		return 0;
+	q = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
+	fclose(f);
+	return q && q[1] == ' ' ? q[2] : 0;
+}
+
+/* A frame whose first part was already queued when the reader got to it,
+ * and whose rest came while it slept: loaded as soon as the rest is
+ * there. (TCP counts its wake-up mark from what is unread: a reader that
+ * took the first part and slept for the rest, with the mark at the whole
+ * payload, would not wake for the rest alone; this fails then.) */
+static void test_a_frame_split_around_the_readers_sleep_is_loaded_at_once(void)
+{
+	/* 64 KiB: one frame, well inside the receive window. */
+	struct devmig_sim_config c = { .mem_size = 64u << 10, .seed = 11 };
+	struct devmig_dev *src = NULL, *dst = NULL;
+	struct target t = { .counted = true };
+	int mfd = memfd_create("stream", MFD_CLOEXEC), sv[2];
+	long payload;
+	off_t len;
+	uint8_t *all;
+	const size_t hdrs = DEVMIG_STREAM_HEADER_LEN + DEVMIG_STREAM_FRAME_HDR_LEN;
+	size_t first = 0;
+	uint32_t flen;
+	uint64_t a, b;
+
+	CHECK(devmig_dev_open_sim(&c, &src) == 0);
+	c.seed = 12;
+	CHECK(devmig_dev_open_sim(&c, &dst) == 0);
+	CHECK(devmig_set_state(src, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
+	payload = devmig_stream_save(src, mfd);
+	len = lseek(mfd, 0, SEEK_END);
+	all = malloc((size_t)len);
+	CHECK(all && pread(mfd, all, (size_t)len, 0) == len);
+	/* The first frame's length (little-endian, after its type). */
+	memcpy(&flen, all + DEVMIG_STREAM_HEADER_LEN + 4, 4);
+	CHECK(flen > 16384 && hdrs + flen < (size_t)len);
+	/* All of the frame but its last 8 KiB is queued before the reader
+	 * starts; the rest of the stream (that 8 KiB, the trailer) is far
+	 * less than the frame, and all of it far less than the receive
+	 * window, so nothing but the reader's mark decides when it wakes. */
+	first = hdrs + flen - 8192;
+	CHECK(tcp_pair(sv) == 0);
+	CHECK(write(sv[0], all, first) == (ssize_t)first);
+	start_target(&t, dst, sv[1]);
+	for (int i = 0; i < 5000 && !(t.tid && state_of(t.tid) == 'S'); i++)
+		nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
+	CHECK(t.tid && state_of(t.tid) == 'S');
+	/* The rest, the connection kept open: the reader must not need more. */
+	CHECK(write(sv[0], all + first, (size_t)len - first) == (ssize_t)(len - (off_t)first));
+	CHECK(wait_received(&t, (uint64_t)payload) == (uint64_t)payload);
+	close(sv[0]);
+	pthread_join(t.th, NULL);
+	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(dst, &b) == 0);
+	CHECK(a == b);
+	free(all);
+	close(mfd);
+	close(sv[1]);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
 static void test_bad_arguments_are_refused(void)
 {
 	struct devmig_dev *src = sim(9, 0);
@@ -396,6 +470,7 @@ int main(void)
 	test_the_data_threads_run_as_bulk_and_the_loader_gets_its_policy_back();
 	test_a_loader_with_its_own_policy_keeps_it();
 	test_a_round_shorter_than_a_frame_is_loaded_at_once_over_tcp();
+	test_a_frame_split_around_the_readers_sleep_is_loaded_at_once();
 	test_bad_arguments_are_refused();
 	CHECK_DONE();
 }
