@@ -117,9 +117,16 @@ def test_a_migration_claims_a_target_prepares_and_rolls_back_when_the_agent_refu
     assert st["rollback"]["reason"] == "AgentError"
     assert _leases(kube, namespace) == [], "rollback must release the device claim"
     assert 'devmig_migrations_total{result="Failed"} 1.0' in operator.metrics()
-    events = client.CoreV1Api(kube).list_namespaced_event(namespace).items
-    reasons = {e.reason for e in events if e.involved_object.name == "m"}
-    assert {"PreparingTarget", "AgentError", "Failed"} <= reasons
+
+    # kopf posts Events asynchronously: the last can arrive just after the
+    # status that ends the migration.
+    def reasons() -> set[str]:
+        events = client.CoreV1Api(kube).list_namespaced_event(namespace).items
+        got = {e.reason for e in events if e.involved_object.name == "m"}
+        assert {"PreparingTarget", "AgentError", "Failed"} <= got, got
+        return got
+
+    objects.eventually(reasons, what="the PreparingTarget, AgentError and Failed events")
 
 
 def test_a_migration_waiting_for_a_target_can_be_cancelled(
