@@ -310,12 +310,13 @@ def main() -> None:
         help="only that transfer figure (to compare two builds of the data path quickly)",
     )
     args = ap.parse_args()
+    every = args.only is None  # all figures, not one transfer alone
     med = statistics.median
     figs: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="devmig-bench-") as d:
         root = pathlib.Path(d)
         transfer(root / "warm-up", args.mib * MIB, False)
-        for tls in (True, False) if not args.only else (args.only == "tls",):
+        for tls in (True, False) if every else (args.only == "tls",):
             rates, cpus, raws, aess, ratios = [], [], [], [], []
             for i in range(args.repeat):
                 n, dt, dc = transfer(root / f"t{int(tls)}{i}", args.mib * MIB, tls)
@@ -345,7 +346,7 @@ def main() -> None:
                 fig["aes_256_gcm_one_core"] = round(med(aess))
                 fig["transport"] = "sealed" if datapath.can_seal() else "tls relay"
             figs.append(fig)
-        for mib in (1, 64, 512) if not args.only else ():
+        for mib in (1, 64, 512) if every else ():
             wins, bases, ratios, residuals = [], [], [], []
             for i in range(args.repeat):
                 seconds, residual, rtt = window(root / f"w{mib}-{i}", mib * MIB)
@@ -366,7 +367,7 @@ def main() -> None:
                     "repeats": args.repeat,
                 }
             )
-        if not args.only:
+        if every:
             agent, bare = idle_rss(root)
             figs.append(
                 {

@@ -46,27 +46,43 @@ static void *load_main(void *arg)
 	return NULL;
 }
 
-/* A thread's scheduling policy from /proc (field 41 of its stat, the
- * 39th after the parenthesised name), -1 if it cannot be read. */
-static int policy_of(pid_t tid)
+/* Field `field` (numbered as in proc(5), 3 or more) of a thread's stat
+ * line into out; false if it cannot be read. Fields are counted after the
+ * parenthesised name, which may itself hold spaces. */
+static bool stat_field(pid_t tid, int field, char *out, size_t len)
 {
 	char path[64], line[1024];
 	FILE *f;
-	char *q;
-	int field = 3, policy = -1;
+	char *q, *save = NULL;
 
 	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
 	f = fopen(path, "r");
 	if (!f)
-		return -1;
+		return false;
 	q = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
 	fclose(f);
-	for (q = q ? strtok(q + 1, " ") : NULL; q; q = strtok(NULL, " "), field++)
-		if (field == 41) {
-			policy = atoi(q);
-			break;
+	for (q = q ? strtok_r(q + 1, " ", &save) : NULL; q; q = strtok_r(NULL, " ", &save), field--)
+		if (field == 3) {
+			snprintf(out, len, "%s", q);
+			return true;
 		}
-	return policy;
+	return false;
+}
+
+/* A thread's scheduling policy (field 41), -1 if it cannot be read. */
+static int policy_of(pid_t tid)
+{
+	char v[32];
+
+	return stat_field(tid, 41, v, sizeof(v)) ? atoi(v) : -1;
+}
+
+/* A thread's scheduler state letter (field 3; 'S': asleep), 0 if none. */
+static char state_of(pid_t tid)
+{
+	char v[8];
+
+	return stat_field(tid, 3, v, sizeof(v)) ? v[0] : 0;
 }
 
 /* The thread of this process with that name, 0 if none. */
@@ -128,6 +144,28 @@ static void start_target(struct target *t, struct devmig_dev *d, int fd)
 	CHECK(pthread_create(&t->th, NULL, load_main, t) == 0);
 }
 
+/* A transfer that went through: the source's end closed, the target
+ * loaded the whole stream and holds the source's memory. */
+static void expect_loaded(struct target *t, struct devmig_dev *src, int src_fd)
+{
+	uint64_t a, b;
+
+	close(src_fd);
+	pthread_join(t->th, NULL);
+	CHECK(t->result == 0 && devmig_dev_state(t->d) == DEVMIG_STATE_STOP);
+	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(t->d, &b) == 0);
+	CHECK(a == b);
+}
+
+/* Everything a pump test opened. */
+static void release(struct devmig_pump *p, int dst_fd, struct devmig_dev *src, struct devmig_dev *dst)
+{
+	devmig_pump_free(p);
+	close(dst_fd);
+	devmig_dev_close(src);
+	devmig_dev_close(dst);
+}
+
 static void test_pre_copy_then_stop_copy_moves_the_state(void)
 {
 	struct devmig_dev *src = sim(1, 64), *dst = sim(2, 0);
@@ -135,7 +173,6 @@ static void test_pre_copy_then_stop_copy_moves_the_state(void)
 	struct devmig_pump_progress pr;
 	struct target t = { 0 };
 	int sv[2];
-	uint64_t a, b;
 
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
 	start_target(&t, dst, sv[1]);
@@ -154,16 +191,8 @@ static void test_pre_copy_then_stop_copy_moves_the_state(void)
 	CHECK(pr.done && pr.error == 0 && pr.stopped_at_ns > 0);
 	CHECK(devmig_pump_result(p) == (long)pr.bytes_sent);
 	CHECK(devmig_pump_stop_copy(p) == 0); /* repeated: already done */
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0);
-	CHECK(devmig_dev_state(dst) == DEVMIG_STATE_STOP);
-	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(dst, &b) == 0);
-	CHECK(a == b);
-	devmig_pump_free(p);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
+	expect_loaded(&t, src, sv[0]);
+	release(p, sv[1], src, dst);
 }
 
 static void test_p2p_is_reached_before_the_stop(void)
@@ -182,13 +211,8 @@ static void test_p2p_is_reached_before_the_stop(void)
 	CHECK(devmig_pump_stop_copy(p) == 0);
 	CHECK(devmig_dev_state(src) == DEVMIG_STATE_STOP_COPY);
 	CHECK(devmig_pump_wait(p, -1) == 1 && devmig_pump_result(p) > 0);
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0);
-	devmig_pump_free(p);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
+	expect_loaded(&t, src, sv[0]);
+	release(p, sv[1], src, dst);
 }
 
 static void test_cancel_sends_no_trailer_and_the_target_is_reset(void)
@@ -268,16 +292,11 @@ static void test_the_data_threads_run_as_bulk_and_the_loader_gets_its_policy_bac
 	CHECK(policy_of(t.tid) == SCHED_BATCH);
 	CHECK(devmig_pump_stop_copy(p) == 0);
 	CHECK(devmig_pump_wait(p, -1) == 1);
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	expect_loaded(&t, src, sv[0]);
 	/* The loader's thread is the caller's: back to its own policy. */
 	CHECK(t.policy_after == SCHED_OTHER);
 	CHECK(sched_getscheduler(0) == SCHED_OTHER);
-	devmig_pump_free(p);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
+	release(p, sv[1], src, dst);
 }
 
 /* A thread whose policy is not SCHED_OTHER keeps it through a load. */
@@ -293,14 +312,9 @@ static void test_a_loader_with_its_own_policy_keeps_it(void)
 	CHECK(devmig_set_state(src, DEVMIG_STATE_STOP_COPY, DEVMIG_STATE_RUNNING, NULL) == 0);
 	CHECK(devmig_pump_start(src, sv[0], 0, 2, &p) == 0);
 	CHECK(devmig_pump_wait(p, -1) == 1);
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
+	expect_loaded(&t, src, sv[0]);
 	CHECK(t.policy_after == SCHED_IDLE);
-	devmig_pump_free(p);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
+	release(p, sv[1], src, dst);
 }
 
 /* A connected TCP pair on loopback (the agents' data path). */
@@ -345,7 +359,7 @@ static void test_a_round_shorter_than_a_frame_is_loaded_at_once_over_tcp(void)
 	struct devmig_pump *p = NULL;
 	struct devmig_pump_progress pr;
 	struct target t = { .counted = true };
-	uint64_t a, b;
+	uint64_t a; /* bytes sent by the first round */
 	int sv[2];
 
 	CHECK(tcp_pair(sv) == 0);
@@ -366,31 +380,8 @@ static void test_a_round_shorter_than_a_frame_is_loaded_at_once_over_tcp(void)
 	CHECK(wait_received(&t, pr.bytes_sent) == pr.bytes_sent);
 	CHECK(devmig_pump_stop_copy(p) == 0);
 	CHECK(devmig_pump_wait(p, -1) == 1);
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
-	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(dst, &b) == 0);
-	CHECK(a == b);
-	devmig_pump_free(p);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
-}
-
-/* A thread's scheduler state letter from /proc ('S': asleep), 0 if none. */
-static char state_of(pid_t tid)
-{
-	char path[64], line[1024];
-	FILE *f;
-	char *q;
-
-	snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
-	f = fopen(path, "r");
-	if (!f)
-		return 0;
-	q = fgets(line, sizeof(line), f) ? strrchr(line, ')') : NULL;
-	fclose(f);
-	return q && q[1] == ' ' ? q[2] : 0;
+	expect_loaded(&t, src, sv[0]);
+	release(p, sv[1], src, dst);
 }
 
 /* A frame whose first part was already queued when the reader got to it,
@@ -411,7 +402,6 @@ static void test_a_frame_split_around_the_readers_sleep_is_loaded_at_once(void)
 	const size_t hdrs = DEVMIG_STREAM_HEADER_LEN + DEVMIG_STREAM_FRAME_HDR_LEN;
 	size_t first = 0;
 	uint32_t flen;
-	uint64_t a, b;
 
 	CHECK(devmig_dev_open_sim(&c, &src) == 0);
 	c.seed = 12;
@@ -438,16 +428,10 @@ static void test_a_frame_split_around_the_readers_sleep_is_loaded_at_once(void)
 	/* The rest, the connection kept open: the reader must not need more. */
 	CHECK(write(sv[0], all + first, (size_t)len - first) == (ssize_t)(len - (off_t)first));
 	CHECK(wait_received(&t, (uint64_t)payload) == (uint64_t)payload);
-	close(sv[0]);
-	pthread_join(t.th, NULL);
-	CHECK(t.result == 0 && devmig_dev_state(dst) == DEVMIG_STATE_STOP);
-	CHECK(devmig_sim_mem_digest(src, &a) == 0 && devmig_sim_mem_digest(dst, &b) == 0);
-	CHECK(a == b);
+	expect_loaded(&t, src, sv[0]);
 	free(all);
 	close(mfd);
-	close(sv[1]);
-	devmig_dev_close(src);
-	devmig_dev_close(dst);
+	release(NULL, sv[1], src, dst);
 }
 
 static void test_bad_arguments_are_refused(void)
