@@ -65,6 +65,12 @@ struct sim {
 
 	enum sess sess;
 	int sess_fd;          /* the device's own reference to the session memfd */
+	/* Saving: the device's read-only view of its stream (a shared mapping
+	 * of the session memfd, never moved while the session lasts), which
+	 * reads copy from, as a driver copies from its own buffers. NULL when
+	 * it could not be mapped: reads then go through the fd. */
+	const uint8_t *view;
+	size_t view_len;
 	uint64_t appended;    /* saving: bytes in the stream so far */
 	uint64_t initial_end; /* saving: where PRE_COPY's initial data ends */
 	uint64_t read_seen;   /* saving: reader offset the workload last saw */
@@ -315,6 +321,10 @@ static void end_session(struct sim *s)
 {
 	if (s->sess == SESS_NONE)
 		return;
+	if (s->view)
+		munmap((void *)s->view, s->view_len);
+	s->view = NULL;
+	s->view_len = 0;
 	/* Like a driver disabling the fd: userspace's copy reads nothing more. */
 	if (ftruncate(s->sess_fd, 0) < 0) {
 		/* a memfd without seals always truncates; nothing to undo */
@@ -324,6 +334,31 @@ static void end_session(struct sim *s)
 	s->sess = SESS_NONE;
 	free(s->rx_seen);
 	s->rx_seen = NULL;
+}
+
+/* Bytes of a saving session's stream the view maps: four whole images
+ * (the initial data and three rounds' worth of dirty pages) before reads
+ * fall back to the fd. Address space only: pages are mapped as they are
+ * read, and a shared read-only mapping commits no memory. */
+#define VIEW_IMAGES 4u
+/* Largest view, bytes: 1 TiB, far inside the 128 TiB of a 47-bit user
+ * address space, so views of many devices' sessions always fit. */
+#define VIEW_MAX (1ull << 40)
+
+static void map_view(struct sim *s)
+{
+	uint64_t image = HDR_LEN + s->npages * REC_LEN + END_LEN;
+	uint64_t len = image * VIEW_IMAGES;
+	void *m;
+
+	if (len > VIEW_MAX)
+		return; /* reads go through the fd */
+	/* Beyond the memfd's end is allowed: only what was appended is read. */
+	m = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, s->sess_fd, 0);
+	if (m == MAP_FAILED)
+		return;
+	s->view = m;
+	s->view_len = (size_t)len;
 }
 
 /* A new session: a fresh memfd, the device's reference kept, a duplicate
@@ -356,6 +391,8 @@ static int open_session(struct sim *s, enum sess kind, int *user_fd)
 	s->rx_nseen = 0;
 	s->rx_ended = false;
 	s->rx_err = 0;
+	if (kind == SESS_SAVE)
+		map_view(s);
 	if (kind == SESS_RESUME) {
 		/* Set up before the data arrives, as drivers do on entering
 		 * RESUMING: nothing of this is left to the stop-and-copy window. */
@@ -659,6 +696,32 @@ static int sim_data_size(struct devmig_dev *d, uint64_t *bytes)
 	return 0;
 }
 
+/* A read of the stream at the data fd's offset, which it advances, as
+ * read() does. Copied from the view: read() on the memfd costs a page-cache
+ * lookup, a reference and an LRU activation per 4 KiB page (the saved pages
+ * were written once, so the read is their second use), about 0.1 CPU s per
+ * GiB on top of the copy's own 0.12 here, and no driver's read has that
+ * bookkeeping. The fd's content is the same, so a raw read() reads the same
+ * stream. */
+static ssize_t copy_out(struct sim *s, int data_fd, void *buf, size_t len)
+{
+	off_t o = lseek(data_fd, 0, SEEK_CUR);
+	uint64_t off, n;
+
+	if (o < 0)
+		return -1;
+	off = (uint64_t)o;
+	if (!s->view || off > s->view_len || len > s->view_len - off)
+		return read(data_fd, buf, len);
+	n = off < s->appended ? s->appended - off : 0;
+	if (n > len)
+		n = len;
+	memcpy(buf, s->view + off, (size_t)n);
+	if (n && lseek(data_fd, (off_t)(off + n), SEEK_SET) < 0)
+		return -1;
+	return (ssize_t)n;
+}
+
 static ssize_t sim_data_read(struct devmig_dev *d, int data_fd, void *buf, size_t len)
 {
 	struct sim *s = d->priv;
@@ -681,7 +744,7 @@ static ssize_t sim_data_read(struct devmig_dev *d, int data_fd, void *buf, size_
 		if (s->end_appended)
 			s->stop_lazy = false;
 	}
-	n = read(data_fd, buf, len);
+	n = copy_out(s, data_fd, buf, len);
 	if (n == 0 && len && s->end_enomsg &&
 	    (s->state == DEVMIG_STATE_PRE_COPY || s->state == DEVMIG_STATE_PRE_COPY_P2P))
 		return -ENOMSG;

@@ -416,6 +416,46 @@ static void test_digest(void)
 	free(dst);
 }
 
+/* The device's reads copy from its own view of the stream, which maps
+ * four images of it; read() on the data fd reads the same stream, from the
+ * same offset. Taking turns, each chunk equals the fd's bytes at its
+ * offset, in the view and past its end (the initial image and seven rounds
+ * of every page dirtied make eight images). */
+static void test_reads_and_raw_reads_share_one_stream(void)
+{
+	const uint64_t pages = 16, image = 32 + pages * 4112 + 16;
+	struct devmig_dev *d = open_sim(ALL, pages * 4096, 0, 3);
+	struct devmig_precopy_info pi;
+	uint8_t got[4096], want[4096];
+	uint64_t off = 0;
+	int fd = -1, turn = 0;
+
+	CHECK(devmig_set_state(d, DEVMIG_STATE_PRE_COPY, DEVMIG_STATE_RUNNING, &fd) == 0);
+	fd = devmig_data_fd(d);
+	CHECK(fd >= 0);
+	for (int round = 0; round < 8; round++) {
+		for (;; turn++) {
+			/* Odd sizes, so chunks straddle records and pages. */
+			long n = turn % 2 ? (long)read(fd, got, 1000) : devmig_data_read(d, got, 3001);
+
+			if (n == 0 || n == -ENOMSG)
+				break;
+			CHECK(n > 0);
+			if (n <= 0)
+				break;
+			CHECK(pread(fd, want, (size_t)n, (off_t)off) == n);
+			CHECK(memcmp(got, want, (size_t)n) == 0);
+			off += (uint64_t)n;
+		}
+		for (uint64_t p = 0; p < pages; p++)
+			CHECK(devmig_sim_touch(d, p) == 0);
+		CHECK(devmig_precopy_info(d, &pi) == 0 && pi.dirty_bytes == pages * 4112);
+	}
+	CHECK(off == image - 16 + 7 * pages * 4112);
+	CHECK(off > 4 * image); /* past the view's end */
+	devmig_dev_close(d);
+}
+
 int main(void)
 {
 	test_digest();
@@ -424,6 +464,7 @@ int main(void)
 	test_failure_recovery();
 	test_resume_validation();
 	test_temporary_end_variants();
+	test_reads_and_raw_reads_share_one_stream();
 	test_misc();
 	CHECK_DONE();
 }
