@@ -206,9 +206,24 @@ static void workload(struct sim *s)
 		s->read_seen = off;
 }
 
+/* Map what was just appended into the view, in one call for the whole
+ * batch. Left to fault-around (one fault per 64 KiB read), the faults cost
+ * the pump a tenth of its CPU in a 1 GiB transfer (0.275 against 0.241 CPU
+ * s/GiB, six transfers each). Only a hint: whatever is left unmapped is
+ * faulted in as it is read. */
+static void populate_view(struct sim *s, uint64_t from)
+{
+	uint64_t lo = from & ~(uint64_t)(PAGE - 1), hi = s->appended;
+
+	if (!s->view || hi > s->view_len || hi <= lo)
+		return;
+	(void)madvise((void *)(uintptr_t)(s->view + lo), (size_t)(hi - lo), MADV_POPULATE_READ);
+}
+
 static int append(struct sim *s, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
+	uint64_t start = s->appended;
 	uint8_t flipped;
 	ssize_t n;
 
@@ -235,6 +250,7 @@ static int append(struct sim *s, const void *buf, size_t len)
 		len -= (size_t)n;
 		s->appended += (uint64_t)n;
 	}
+	populate_view(s, start);
 	return 0;
 }
 
