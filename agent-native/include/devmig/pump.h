@@ -13,8 +13,8 @@
  * reads, and the request returns once the device has made them.
  *
  * A second thread writes the stream to the fd: the pump thread reads the
- * device into one of three buffers and checksums (and seals) it while the
- * frames of the others are still being written, so the device read and the
+ * device into one of two buffers and checksums (and seals) it while the
+ * frame of the other is still being written, so the device read and the
  * crypto run beside the socket's copy. A round counts as complete, and the
  * pump as done, only once everything queued is written.
  *
