@@ -309,6 +309,7 @@ class DataPath:
 
     def _hello(self, raw: socket.socket, peer: Any) -> None:
         conn: socket.socket = raw
+        taken = ""  # the session this connection took from the pending ones
         try:
             raw.settimeout(HELLO_TIMEOUT_S)
             if self._server_ctx is not None:
@@ -323,6 +324,11 @@ class DataPath:
                 if s is None or not token_matches(token, s.token_sha256):
                     raise ConnectionError(f"no prepared session {sid!r} with that token")
                 del self._pending[sid]  # one stream per session
+                # Taken but not yet running: a close() from now on finds
+                # no sink to cancel, so it removes this mark instead, and
+                # the sink is cancelled below once it exists.
+                self._active[sid] = None
+                taken = sid
             if source_share is not None and isinstance(conn, ssl.SSLSocket):
                 target_share = os.urandom(SEAL_SHARE)
                 conn.sendall(b"OK SEAL " + target_share.hex().encode() + b"\n")
@@ -335,7 +341,17 @@ class DataPath:
                 conn.settimeout(None)
                 sink = _Sink(s, conn, self._done, stream_key(sid, token))
             with self._lock:
-                self._active[sid] = sink
+                closed = sid not in self._active
+                if not closed:
+                    self._active[sid] = sink
+            if closed:
+                # The session was closed (aborted, or the agent is going
+                # down) while its stream was being accepted: nothing may go
+                # on loading into the device. Cancelling wakes the loader,
+                # which refuses the cut stream and resets the device.
+                log.info("session %s: closed while its stream was accepted", sid)
+                sink.cancel()
+                return
             s.transfer = sink
             log.info(
                 "session %s: receiving from %s (%s)",
@@ -344,6 +360,9 @@ class DataPath:
                 self._transport(sink.seal),
             )
         except (OSError, ValueError, ConnectionError) as e:
+            with self._lock:
+                if taken in self._active and self._active[taken] is None:
+                    del self._active[taken]  # its mark: no sink will come
             log.warning("data connection from %s refused: %s", peer, e)
             with contextlib.suppress(OSError):
                 conn.sendall(f"ERR {e}\n".encode()[:MAX_HELLO])

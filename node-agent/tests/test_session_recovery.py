@@ -12,6 +12,7 @@ import pathlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -301,3 +302,40 @@ def test_the_deadline_loop_wakes_at_the_deadline_and_stops_when_told(
     t.join(10)
     assert not t.is_alive()
     assert a.manager.get(SID, TOKEN).reason == "RecoveryDeadlineExpired"
+
+
+def test_a_stream_accepted_while_its_session_is_closed_is_cancelled_not_left_loading(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target answers a stream's hello before its sink (the loading
+    thread) exists. A close in that gap, as a crash or an abort makes, found
+    no sink to cancel, and the loader then held the device, waiting for more
+    of a stream nobody would end. Here the sink is made only after the
+    close: it must be cancelled, its loader must end and free the device."""
+    a, b = nodes
+    accepted, closed = threading.Event(), threading.Event()
+    made: list[datapath._Sink] = []
+    real = datapath._Sink
+
+    def sink_after_the_close(*args: Any, **kwargs: Any) -> datapath._Sink:
+        accepted.set()
+        assert closed.wait(10)
+        sink = real(*args, **kwargs)
+        made.append(sink)
+        return sink
+
+    monkeypatch.setattr(datapath, "_Sink", sink_after_the_close)
+    a.manager.prepare_source(SID, TOKEN, a.device.id, 0)
+    endpoint = b.manager.prepare_target(SID, TOKEN, b.device.id).data_endpoint
+    a.manager.start_pre_copy(SID, TOKEN, endpoint)
+    assert accepted.wait(10)
+    b.crash()
+    closed.set()
+    for _ in range(1000):  # bounded: 10 s
+        if made:
+            break
+        threading.Event().wait(0.01)
+    (sink,) = made
+    sink._thread.join(10)
+    assert not sink._thread.is_alive(), "the loader still holds the device"
+    assert b.device.handle.state is MigState.RUNNING  # the cut stream reset it
