@@ -313,7 +313,7 @@ def test_a_stream_accepted_while_its_session_is_closed_is_cancelled_not_left_loa
     of a stream nobody would end. Here the sink is made only after the
     close: it must be cancelled, its loader must end and free the device."""
     a, b = nodes
-    accepted, closed = threading.Event(), threading.Event()
+    accepted, closed, sink_made = threading.Event(), threading.Event(), threading.Event()
     made: list[datapath._Sink] = []
     real = datapath._Sink
 
@@ -322,6 +322,7 @@ def test_a_stream_accepted_while_its_session_is_closed_is_cancelled_not_left_loa
         assert closed.wait(10)
         sink = real(*args, **kwargs)
         made.append(sink)
+        sink_made.set()
         return sink
 
     monkeypatch.setattr(datapath, "_Sink", sink_after_the_close)
@@ -331,10 +332,7 @@ def test_a_stream_accepted_while_its_session_is_closed_is_cancelled_not_left_loa
     assert accepted.wait(10)
     b.crash()
     closed.set()
-    for _ in range(1000):  # bounded: 10 s
-        if made:
-            break
-        threading.Event().wait(0.01)
+    assert sink_made.wait(10)
     (sink,) = made
     sink._thread.join(10)
     assert not sink._thread.is_alive(), "the loader still holds the device"
